@@ -1,0 +1,29 @@
+"""Keras 3 (TensorFlow backend) side of freeze-parity.
+
+``torch_impl`` is imported first on purpose: TensorFlow loaded before
+torchvision / ``torch._dynamo`` segfaults the process with the pinned wheels,
+so this import makes ``import tf_impl; import torch_impl`` safe too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch_impl  # noqa: F401  (import order: torch before TensorFlow, see above)
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        f"freeze-parity: tf_impl needs the Keras TensorFlow backend, got KERAS_BACKEND="
+        f"{keras.backend.backend()!r}; unset KERAS_BACKEND or set it to 'tensorflow'."
+    )
+
+# Cross-framework parity is measured in float32: no TF32 on GPUs that have it.
+tf.config.experimental.enable_tensor_float32_execution(False)
+
+__all__ = ["keras", "tf"]
