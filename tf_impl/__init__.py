@@ -24,6 +24,6 @@ if keras.backend.backend() != "tensorflow":
     )
 
 # Cross-framework parity is measured in float32: no TF32 on GPUs that have it.
-tf.config.experimental.enable_tensor_float32_execution(False)
+tf.config.experimental.enable_tensor_float_32_execution(False)
 
 __all__ = ["keras", "tf"]
