@@ -1,0 +1,64 @@
+"""Architecture configurations shared by both frameworks.
+
+One config object drives the Keras and the PyTorch builder, so the two
+compute the same function: same channels, strides, explicit padding and the
+same BatchNorm epsilon and momentum.
+
+Momentum convention: every momentum here is **torch's**:
+``running = (1 - m) * running + m * batch``. Keras's BatchNormalization
+momentum is the weight of the *old* value, so the Keras builder passes
+``1 - m`` (see :func:`keras_momentum`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHS = ("tinyconv", "resnet18")
+
+
+@dataclass(frozen=True)
+class TinyConvConfig:
+    # Three conv -> BN -> ReLU blocks; the stride-2 ones halve the resolution.
+    channels: tuple[int, ...] = (16, 32, 32)
+    strides: tuple[int, ...] = (1, 2, 2)
+    # 3x3 kernels with explicit symmetric zero padding of 1 on each side
+    # (never Keras padding='same', which pads bottom/right only at stride 2).
+    kernel_size: int = 3
+    # torch's default epsilon; Keras's default (1e-3) would change the function.
+    bn_epsilon: float = 1e-5
+    # torch convention (see module docstring); Keras gets 1 - 0.1 = 0.9.
+    bn_momentum: float = 0.1
+    # Input resolution the data pipeline produces (NHWC 32x32x3).
+    image_size: int = 32
+
+    @property
+    def feature_dim(self) -> int:
+        return self.channels[-1]
+
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
+
+@dataclass(frozen=True)
+class ResNet18Config:
+    # torchvision's ResNet-18 (v1.5: stride on the 3x3 conv), BN defaults of torch.
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.1
+    # Small resolution so pretraining on the digits runs in seconds on a CPU.
+    image_size: int = 32
+    feature_dim: int = 512
+
+
+def arch_config(arch: str):
+    if arch == "tinyconv":
+        return TinyConvConfig()
+    if arch == "resnet18":
+        return ResNet18Config()
+    raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(ARCHS)}")
+
+
+def keras_momentum(torch_momentum: float) -> float:
+    """Keras BatchNormalization momentum equivalent to torch's ``momentum``."""
+    return 1.0 - torch_momentum

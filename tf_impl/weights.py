@@ -1,0 +1,77 @@
+"""Keras <-> canonical tensors. The only module that knows Keras's layout.
+
+Canonical layouts are torch's: a Keras Conv2D kernel (kh, kw, I, O) becomes
+(O, I, kh, kw); a Dense kernel (in, out) becomes (out, in); BatchNorm's
+gamma / beta / moving_mean / moving_variance become weight / bias /
+running_mean / running_var. Keys follow the model tree given by each
+container layer's ``named_children()`` (see ``tf_impl/model.py``).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from shared.checkpoint import check_tensors
+
+__all__ = ["canonical_shapes", "export_weights", "import_weights"]
+
+# Keras layout -> canonical layout, and back (the one place transposes live).
+_TO_CANONICAL = {"conv": (3, 2, 0, 1), "dense": (1, 0), "vector": None}
+_FROM_CANONICAL = {"conv": (2, 3, 1, 0), "dense": (1, 0), "vector": None}
+
+
+def _leaves(layer, prefix: str):
+    for name, child in layer.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if hasattr(child, "named_children"):
+            yield from _leaves(child, path)
+        else:
+            yield path, child
+
+
+def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
+    """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer."""
+    out: dict[str, tuple[keras.Variable, str]] = {}
+    for path, layer in _leaves(model, ""):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out[f"{path}.weight"] = (layer.gamma, "vector")
+            out[f"{path}.bias"] = (layer.beta, "vector")
+            out[f"{path}.running_mean"] = (layer.moving_mean, "vector")
+            out[f"{path}.running_var"] = (layer.moving_variance, "vector")
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kind = "conv" if isinstance(layer, keras.layers.Conv2D) else "dense"
+            out[f"{path}.weight"] = (layer.kernel, kind)
+            if layer.use_bias:
+                out[f"{path}.bias"] = (layer.bias, "vector")
+        else:
+            raise TypeError(f"weights: no canonical mapping for layer {path!r} "
+                            f"of type {type(layer).__name__}")
+    return out
+
+
+def _to_canonical(value: np.ndarray, kind: str) -> np.ndarray:
+    axes = _TO_CANONICAL[kind]
+    return np.ascontiguousarray(value if axes is None else np.transpose(value, axes))
+
+
+def canonical_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape (torch layout) for every tensor of ``model``."""
+    return {key: _to_canonical(np.zeros(var.shape, np.float32), kind).shape
+            for key, (var, kind) in _variables(model).items()}
+
+
+def export_weights(model) -> dict[str, np.ndarray]:
+    """Every weight and BN statistic as float32 numpy, canonical keys and layouts."""
+    return {key: _to_canonical(np.asarray(keras.ops.convert_to_numpy(var), np.float32), kind)
+            for key, (var, kind) in _variables(model).items()}
+
+
+def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
+    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness."""
+    variables = _variables(model)
+    check_tensors(tensors, canonical_shapes(model), where)
+    for key, (var, kind) in variables.items():
+        axes = _FROM_CANONICAL[kind]
+        value = tensors[key] if axes is None else np.transpose(tensors[key], axes)
+        var.assign(np.ascontiguousarray(value))

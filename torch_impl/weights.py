@@ -1,0 +1,45 @@
+"""PyTorch <-> canonical tensors. The only module that knows torch's layout.
+
+The canonical form *is* torch's layout (conv (O, I, kh, kw), linear
+(out, in)) under the model's own state_dict keys, so this side is mostly an
+identity map. ``num_batches_tracked`` is torch bookkeeping with no effect
+when BatchNorm has a momentum (and Keras has no such variable): it is not
+part of the canonical form; import keeps the model's own counter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.checkpoint import check_tensors
+
+__all__ = ["canonical_shapes", "export_weights", "import_weights"]
+
+_BOOKKEEPING = "num_batches_tracked"
+
+
+def _canonical_items(model: nn.Module):
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key.rsplit(".", 1)[-1] != _BOOKKEEPING:
+            yield key, value
+
+
+def canonical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape for every tensor of ``model``."""
+    return {key: tuple(value.shape) for key, value in _canonical_items(model)}
+
+
+def export_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter and BN statistic as float32 numpy, canonical keys and layouts."""
+    return {key: value.detach().cpu().numpy().astype(np.float32, copy=True)
+            for key, value in _canonical_items(model)}
+
+
+@torch.no_grad()
+def import_weights(model: nn.Module, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
+    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness."""
+    check_tensors(tensors, canonical_shapes(model), where)
+    for key, target in _canonical_items(model):
+        target.copy_(torch.from_numpy(np.ascontiguousarray(tensors[key])))
