@@ -22,7 +22,7 @@ from shared.archs import TinyConvConfig, arch_config, keras_momentum
 
 __all__ = [
     "ConvBlock", "TinyConvBase", "Head", "FineTuneModel", "build_model", "default_norm_layer",
-    "TorchVarianceBatchNormalization", "LegacyBatchNormalization",
+    "TorchVarianceBatchNormalization", "LegacyBatchNormalization", "named_leaves", "is_batch_norm",
 ]
 
 
@@ -161,6 +161,20 @@ class FineTuneModel(keras.Model):
 
     def named_children(self):
         return [("base", self.base), ("head", self.head)]
+
+
+def named_leaves(layer, prefix: str = ""):
+    """``(canonical path, layer)`` for every weighted leaf layer under ``layer``."""
+    for name, child in layer.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if hasattr(child, "named_children"):
+            yield from named_leaves(child, path)
+        else:
+            yield path, child
+
+
+def is_batch_norm(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from shared.checkpoint import check_tensors
+from tf_impl.model import named_leaves
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights"]
 
@@ -21,19 +22,10 @@ _TO_CANONICAL = {"conv": (3, 2, 0, 1), "dense": (1, 0), "vector": None}
 _FROM_CANONICAL = {"conv": (2, 3, 1, 0), "dense": (1, 0), "vector": None}
 
 
-def _leaves(layer, prefix: str):
-    for name, child in layer.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if hasattr(child, "named_children"):
-            yield from _leaves(child, path)
-        else:
-            yield path, child
-
-
 def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
     """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer."""
     out: dict[str, tuple[keras.Variable, str]] = {}
-    for path, layer in _leaves(model, ""):
+    for path, layer in named_leaves(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out[f"{path}.weight"] = (layer.gamma, "vector")
             out[f"{path}.bias"] = (layer.beta, "vector")

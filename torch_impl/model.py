@@ -12,7 +12,8 @@ from torch import nn
 
 from shared.archs import TinyConvConfig, arch_config
 
-__all__ = ["ConvBlock", "TinyConvBase", "Head", "FineTuneModel", "build_model", "default_norm_layer"]
+__all__ = ["ConvBlock", "TinyConvBase", "Head", "FineTuneModel", "build_model", "default_norm_layer",
+           "named_leaves", "is_batch_norm"]
 
 
 def default_norm_layer(config, cls=nn.BatchNorm2d) -> Callable[[int], nn.Module]:
@@ -104,6 +105,20 @@ class FineTuneModel(nn.Module):
         for name in self._pinned:
             self.get_submodule(name).eval()
         return self
+
+
+def named_leaves(module: nn.Module, prefix: str = ""):
+    """``(canonical path, module)`` for every weighted leaf module under ``module``."""
+    for name, child in module.named_modules(prefix=prefix):
+        if not list(child.children()) and (list(child.parameters(recurse=False))
+                                           or list(child.buffers(recurse=False))):
+            yield name, child
+
+
+def is_batch_norm(module) -> bool:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
 
 
 def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,

@@ -1,0 +1,1 @@
+"""One module per ``freeze-parity`` subcommand: ``add_parser(parser)`` and ``run(args)``."""

@@ -1,0 +1,405 @@
+"""Real data for both frameworks: scikit-learn's handwritten digits, in two domains.
+
+``sklearn.datasets.load_digits()`` ships 1,797 greyscale 8x8 digits (values
+0..16) inside the package, so nothing is downloaded. They are split into
+
+* the **source** domain, the pretraining task: digits 0-4, grey ink on black,
+  replicated to 3 channels, scaled to [0, 1] (no further normalisation);
+* the **target** domain, the fine-tuning task: digits 5-9 (labels remapped to
+  0-4), recoloured as yellow ink on a light-blue background. Per channel the
+  target image is ``TARGET_BACKGROUND[c] + TARGET_INK_GAIN[c] * grey``: a large
+  brightness offset, contrast cut to 0.35-0.55 of the source's, and the blue
+  channel inverted.
+
+The shift is deliberately large, so that BatchNorm batch statistics on target
+batches are far from the running statistics stored while pretraining on the
+source: a model that (wrongly) updates or uses batch statistics when the base
+is meant to be frozen shows it clearly. Measured with ``load_domains()``
+(size 32, seed 0), per channel R, G, B, via :func:`channel_stats`:
+
+================  ======================  ======================
+split             mean                    variance (biased)
+================  ======================  ======================
+source/train      0.305, 0.305, 0.305     0.1067, 0.1067, 0.1067
+target/train      0.653, 0.657, 0.782     0.0258, 0.0126, 0.0312
+================  ======================  ======================
+
+that is mean gaps of 0.35, 0.35, 0.48 and source/target variance ratios of
+4.1, 8.5, 3.4. Even single 32-image target batches (5 shuffled epochs) stay at
+least 0.34 (mean) and 3.2x (variance) away from the source statistics in
+every channel. At size 8 the variances are about 1.3x larger (no
+interpolation smoothing); the gaps and ratios are much the same
+(``tests/test_data.py`` pins ``MIN_SHIFT_MEAN_GAP`` and
+``MIN_SHIFT_VAR_RATIO``).
+
+Images are NHWC float32 with 3 channels; 8x8 digits are upsampled bilinearly
+(pixel centres aligned, edges clamped) to ``size x size``, so ``size=8`` is
+the raw data. Labels are int64. All randomness (train/test split, batch
+order, synthetic data) comes from ``numpy.random.default_rng``, never from a
+framework, so both frameworks see identical batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "SOURCE_CLASSES",
+    "TARGET_CLASSES",
+    "TARGET_BACKGROUND",
+    "TARGET_INK_GAIN",
+    "MIN_SHIFT_MEAN_GAP",
+    "MIN_SHIFT_VAR_RATIO",
+    "Split",
+    "Domains",
+    "load_domains",
+    "batches",
+    "take_batches",
+    "nhwc_to_nchw",
+    "nchw_to_nhwc",
+    "synthetic",
+    "validate_images",
+    "validate_labels",
+    "channel_stats",
+]
+
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+
+# Target recolouring, per channel R, G, B: pixel = background + ink_gain * grey.
+# Light-blue background (0.50, 0.55, 0.95); ink (1.0, 0.9, 0.4) is yellow.
+TARGET_BACKGROUND = (0.50, 0.55, 0.95)
+TARGET_INK_GAIN = (0.50, 0.35, -0.55)
+
+# The promise the domain split makes, checked by tests/test_data.py on whole
+# splits and on single batches of 32: in every channel the target mean is at
+# least this far from the source mean ...
+MIN_SHIFT_MEAN_GAP = 0.3
+# ... and the larger of the two variances is at least this multiple of the other.
+MIN_SHIFT_VAR_RATIO = 2.0
+
+_DIGIT_SIZE = 8  # load_digits() images are 8x8
+_DIGIT_MAX = 16.0  # ... with integer values 0..16
+
+
+# --------------------------------------------------------------------------- #
+# validation
+# --------------------------------------------------------------------------- #
+def validate_images(x, where: str) -> np.ndarray:
+    """Return ``x`` unchanged if it is a finite float32 NHWC batch with 3 channels.
+
+    Raises ``ValueError("<where>: images ...")`` naming the problem otherwise.
+    """
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{where}: images must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"{where}: images must have rank 4 (N, H, W, 3), got rank {x.ndim} shape {x.shape}"
+        )
+    if x.shape[-1] != 3:
+        hint = " (looks like NCHW; use nchw_to_nhwc)" if x.shape[1] == 3 else ""
+        raise ValueError(
+            f"{where}: images must be NHWC with 3 channels last, got shape {x.shape}{hint}"
+        )
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{where}: images must have non-empty H and W, got shape {x.shape}")
+    if x.dtype != np.float32:
+        raise ValueError(f"{where}: images must be float32, got {x.dtype}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"{where}: images must be finite, got {len(bad)} non-finite values "
+            f"(first {x[first]} at index {first})"
+        )
+    return x
+
+
+def validate_labels(y, num_classes: int, where: str) -> np.ndarray:
+    """Return ``y`` unchanged if it is a rank-1 integer array with ``0 <= y < num_classes``."""
+    if not isinstance(y, np.ndarray):
+        raise ValueError(f"{where}: labels must be a numpy array, got {type(y).__name__}")
+    if y.ndim != 1:
+        raise ValueError(f"{where}: labels must have rank 1, got rank {y.ndim} shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):  # bool is not an integer dtype here
+        raise ValueError(f"{where}: labels must be integers, got {y.dtype}")
+    _check_count(num_classes, "num_classes", where, minimum=1)
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{where}: labels must be in [0, {num_classes}), got {int(y[i])} at index {i} "
+            f"({bad.size} out of range)"
+        )
+    return y
+
+
+def _check_count(value, name: str, where: str, *, minimum: int) -> int:
+    """An ``int`` (not bool) >= minimum, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- #
+# containers
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Split:
+    """One labelled image set: NHWC float32 images, int64 labels."""
+
+    images: np.ndarray  # (N, H, W, 3) float32
+    labels: np.ndarray  # (N,) int64, 0 <= label < num_classes
+    num_classes: int
+    name: str  # e.g. "source/train"; used in every error message
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Split: name must be a non-empty str, got {self.name!r}")
+        validate_images(self.images, self.name)
+        validate_labels(self.labels, self.num_classes, self.name)
+        if self.labels.dtype != np.int64:
+            raise ValueError(f"{self.name}: labels must be int64, got {self.labels.dtype}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"{self.name}: images and labels must have the same length, "
+                f"got {len(self.images)} images and {len(self.labels)} labels"
+            )
+        if len(self.labels) == 0:
+            raise ValueError(f"{self.name}: split is empty")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Domains:
+    """Pretraining (source) and fine-tuning (target) data, each with train and test."""
+
+    source_train: Split
+    source_test: Split
+    target_train: Split
+    target_test: Split
+
+
+# --------------------------------------------------------------------------- #
+# the digits
+# --------------------------------------------------------------------------- #
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """load_digits() once per process: (1797, 8, 8) float64 in [0, 1], int64 digits."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / _DIGIT_MAX).astype(np.float64)
+    digits = bunch.target.astype(np.int64)
+    images.flags.writeable = False  # cached: nobody may change it for later callers
+    digits.flags.writeable = False
+    return images, digits
+
+
+def _resize_matrix(size: int, src: int = _DIGIT_SIZE) -> np.ndarray:
+    """(size, src) bilinear interpolation weights, pixel centres aligned, edges clamped."""
+    pos = (np.arange(size) + 0.5) * (src / size) - 0.5
+    pos = np.clip(pos, 0.0, src - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, src - 1)
+    frac = pos - lo
+    weights = np.zeros((size, src))
+    np.add.at(weights, (np.arange(size), lo), 1.0 - frac)
+    np.add.at(weights, (np.arange(size), hi), frac)
+    return weights
+
+
+def _upsample(grey: np.ndarray, size: int) -> np.ndarray:
+    """(N, 8, 8) -> (N, size, size) bilinear; identity when size == 8."""
+    if size == grey.shape[1]:
+        return grey.copy()
+    weights = _resize_matrix(size, grey.shape[1])
+    return weights @ grey @ weights.T  # rows, then columns (broadcast over N)
+
+
+def _as_source(grey: np.ndarray) -> np.ndarray:
+    """Grey digits -> 3 identical channels."""
+    return np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+
+
+def _as_target(grey: np.ndarray) -> np.ndarray:
+    """Grey digits -> yellow ink on light blue, per channel background + gain * grey."""
+    background = np.asarray(TARGET_BACKGROUND)
+    gain = np.asarray(TARGET_INK_GAIN)
+    return (background + gain * grey[..., None]).astype(np.float32)
+
+
+def _stratified_split(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices (each sorted) with ``round(n_c * test_fraction)`` test items per class."""
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(members) * test_fraction))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_domains(size: int = 32, seed: int = 0, test_fraction: float = 0.25) -> Domains:
+    """Source (digits 0-4) and target (digits 5-9 as 0-4, recoloured) train/test splits.
+
+    Deterministic in ``(seed, test_fraction)``: the split does not depend on
+    ``size``. Each domain is split per class, so class balance is kept.
+    """
+    size = _check_count(size, "size", "load_domains", minimum=_DIGIT_SIZE)
+    seed = _check_count(seed, "seed", "load_domains", minimum=0)
+    if not isinstance(test_fraction, (float, int)) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"load_domains: test_fraction must be in (0, 1), got {test_fraction!r}")
+    grey, digits = _digits()
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for domain, classes, recolour in (
+        ("source", SOURCE_CLASSES, _as_source),
+        ("target", TARGET_CLASSES, _as_target),
+    ):
+        in_domain = np.flatnonzero(np.isin(digits, classes))
+        labels = digits[in_domain] - classes[0]  # 5..9 -> 0..4 for the target
+        for part, idx in zip(("train", "test"), _stratified_split(labels, test_fraction, rng)):
+            name = f"{domain}/{part}"
+            images = recolour(_upsample(grey[in_domain[idx]], size))
+            splits[name] = Split(images, labels[idx].copy(), len(classes), name)
+    return Domains(
+        source_train=splits["source/train"],
+        source_test=splits["source/test"],
+        target_train=splits["target/train"],
+        target_test=splits["target/test"],
+    )
+
+
+# --------------------------------------------------------------------------- #
+# batching
+# --------------------------------------------------------------------------- #
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Index order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(images, labels)`` batches (fresh copies) over ``epochs`` epochs.
+
+    Epoch ``e`` visits every index once, in the order of
+    ``default_rng([seed, e]).permutation(len(split))`` (or in order when
+    ``shuffle=False``). With ``drop_last`` the incomplete final batch of each
+    epoch is skipped, so every batch has ``batch_size`` items. Arguments are
+    checked when called, not at the first ``next``; a ``batch_size`` larger
+    than the split with ``drop_last`` is an error rather than zero batches.
+    """
+    where = f"batches({split.name})" if isinstance(split, Split) else "batches"
+    if not isinstance(split, Split):
+        raise ValueError(f"{where}: split must be a Split, got {type(split).__name__}")
+    batch_size = _check_count(batch_size, "batch_size", where, minimum=1)
+    seed = _check_count(seed, "seed", where, minimum=0)
+    epochs = _check_count(epochs, "epochs", where, minimum=1)
+    if drop_last and batch_size > len(split):
+        raise ValueError(
+            f"{where}: batch_size {batch_size} > {len(split)} items with drop_last gives no batches"
+        )
+    return _batches(split, batch_size, seed, epochs, bool(shuffle), bool(drop_last))
+
+
+def _batches(split, batch_size, seed, epochs, shuffle, drop_last):
+    n = len(split)
+    stop = n - n % batch_size if drop_last else n
+    for epoch in range(epochs):
+        order = _epoch_order(n, seed, epoch, shuffle)
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            yield split.images[idx], split.labels[idx]  # fancy indexing copies
+
+
+def take_batches(
+    split: Split, batch_size: int, steps: int, *, seed: int = 0, shuffle: bool = True
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exactly ``steps`` full batches: the first ``steps`` of ``batches(..., drop_last=True)``
+    run over as many epochs as needed."""
+    steps = _check_count(steps, "steps", "take_batches", minimum=0)
+    batches(split, batch_size, seed=seed, shuffle=shuffle)  # checks the other arguments
+    per_epoch = len(split) // batch_size  # >= 1, checked just above
+    epochs = max(1, -(-steps // per_epoch))
+    it = batches(split, batch_size, seed=seed, epochs=epochs, shuffle=shuffle, drop_last=True)
+    return list(itertools.islice(it, steps))
+
+
+# --------------------------------------------------------------------------- #
+# layouts and statistics
+# --------------------------------------------------------------------------- #
+def _rank4(x, where: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"{where}: expected a rank-4 array, got rank {x.ndim} shape {x.shape}")
+    return x
+
+
+def nhwc_to_nchw(x) -> np.ndarray:
+    """(N, H, W, C) -> (N, C, H, W), as a new C-contiguous float32 array."""
+    x = _rank4(x, "nhwc_to_nchw")
+    return np.array(x.transpose(0, 3, 1, 2), dtype=np.float32, order="C", copy=True)
+
+
+def nchw_to_nhwc(x) -> np.ndarray:
+    """(N, C, H, W) -> (N, H, W, C), as a new C-contiguous float32 array."""
+    x = _rank4(x, "nchw_to_nhwc")
+    return np.array(x.transpose(0, 2, 3, 1), dtype=np.float32, order="C", copy=True)
+
+
+def channel_stats(x) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance (divide by N*H*W) of NHWC images, in float64.
+
+    Biased, as BatchNorm normalises with (Keras also updates with it; torch's
+    running_var update uses the unbiased one).
+    """
+    x = _rank4(x, "channel_stats").astype(np.float64)
+    return x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+
+
+# --------------------------------------------------------------------------- #
+# synthetic data for fast unit tests
+# --------------------------------------------------------------------------- #
+def synthetic(
+    n: int = 64, size: int = 16, num_classes: int = 3, seed: int = 0, shift: float = 0.0
+) -> Split:
+    """Tiny random images a small net can learn: a per-class random pattern plus noise.
+
+    ``shift`` is added to every pixel (a brightness shift, for domain-shift
+    tests). Classes are balanced (``n // num_classes`` or one more each), in a
+    random order.
+    """
+    n = _check_count(n, "n", "synthetic", minimum=1)
+    size = _check_count(size, "size", "synthetic", minimum=1)
+    num_classes = _check_count(num_classes, "num_classes", "synthetic", minimum=1)
+    seed = _check_count(seed, "seed", "synthetic", minimum=0)
+    if not np.isfinite(shift):
+        raise ValueError(f"synthetic: shift must be finite, got {shift}")
+    rng = np.random.default_rng(seed)
+    patterns = rng.uniform(0.0, 1.0, size=(num_classes, size, size, 3))
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    noise = rng.normal(0.0, 0.1, size=(n, size, size, 3))
+    images = (patterns[labels] + noise + shift).astype(np.float32)
+    return Split(images, labels, num_classes, f"synthetic/seed{seed}")

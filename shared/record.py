@@ -1,0 +1,165 @@
+"""RunConfig (what to run) and RunRecord (what happened), with a JSON round trip.
+
+A record holds, per optimizer step, the training-mode loss that produced the
+gradients and the inference-mode loss on the same batch at the same
+pre-update weights; every ``eval_every`` steps the held-out target loss and
+accuracy; and over the run, whether any tensor the strategy declares frozen
+changed and whether BatchNorm statistics changed. Records carry no wall-clock
+time, so the same run twice gives equal records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from shared.archs import ARCHS
+from shared.frameworks import check_framework
+from shared.strategies import get_strategy
+
+__all__ = ["RunConfig", "StepRecord", "HeldOut", "RunRecord", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adam")
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    arch: str = "tinyconv"
+    strategy: str = "frozen"
+    steps: int = 30
+    batch_size: int = 32
+    # sgd: plain or with momentum; adam: see adam_epsilon
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9  # sgd only; 0 = plain SGD
+    # Keras adds epsilon to sqrt(v) *before* bias correction, torch after; no single
+    # value makes them equal, so parity runs use an epsilon too small to matter.
+    adam_epsilon: float = 1e-12
+    head_dropout: float = 0.0
+    # batch order and head initialisation (numpy RNG only, shared by both frameworks)
+    seed: int = 0
+    # held-out target loss/accuracy after every `eval_every` updates (and at 0 and the end)
+    eval_every: int = 10
+    # update Keras's moving variance with the unbiased batch variance, as torch does
+    reconcile_bn_variance: bool = True
+    # canonical pretrained checkpoint; None = the cached one for `arch` (pretrained if absent)
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
+        get_strategy(self.strategy)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}")
+        for name in ("steps", "batch_size", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (BatchNorm needs a batch variance)")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"RunConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    train_loss: float  # training-mode loss that produced this step's gradients
+    eval_loss: float   # inference-mode loss, same batch, same pre-update weights
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    step: int  # number of updates applied before this evaluation
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class RunRecord:
+    framework: str
+    strategy: str
+    arch: str
+    config: dict
+    steps: list[StepRecord] = field(default_factory=list)
+    heldout: list[HeldOut] = field(default_factory=list)
+    frozen_unchanged: bool = True
+    bn_stats_changed: bool = False
+    # declared-frozen key -> largest absolute change (only keys that changed)
+    frozen_changes: dict[str, float] = field(default_factory=dict)
+    # largest absolute change of any BatchNorm running statistic over the run
+    bn_stats_max_change: float = 0.0
+
+    def __post_init__(self):
+        check_framework(self.framework)
+        get_strategy(self.strategy)
+
+    @property
+    def train_losses(self) -> list[float]:
+        return [s.train_loss for s in self.steps]
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [s.eval_loss for s in self.steps]
+
+    @property
+    def max_train_eval_gap(self) -> float:
+        return max((abs(s.train_loss - s.eval_loss) for s in self.steps), default=0.0)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["version"] = RECORD_VERSION
+        data["max_train_eval_gap"] = self.max_train_eval_gap
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "record") -> RunRecord:
+        try:
+            if data.get("version") != RECORD_VERSION:
+                raise ValueError(f"version expected {RECORD_VERSION}, got {data.get('version')!r}")
+            return cls(
+                framework=data["framework"], strategy=data["strategy"], arch=data["arch"],
+                config=dict(data["config"]),
+                steps=[StepRecord(int(s["step"]), float(s["train_loss"]), float(s["eval_loss"]))
+                       for s in data["steps"]],
+                heldout=[HeldOut(int(h["step"]), float(h["loss"]), float(h["accuracy"]))
+                         for h in data["heldout"]],
+                frozen_unchanged=bool(data["frozen_unchanged"]),
+                bn_stats_changed=bool(data["bn_stats_changed"]),
+                frozen_changes={str(k): float(v) for k, v in data["frozen_changes"].items()},
+                bn_stats_max_change=float(data["bn_stats_max_change"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "record") -> RunRecord:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunRecord:
+        path = Path(path)
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))

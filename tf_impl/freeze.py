@@ -1,0 +1,67 @@
+"""Apply a freezing strategy to a Keras FineTuneModel.
+
+A Keras BatchNormalization with ``trainable=False`` runs in inference mode
+even inside ``fit`` (``training and self.trainable``), so "frozen" needs no
+extra mode switch here, unlike torch. Two Keras rules shape this module: a
+change of ``trainable`` after a ``fit`` is ignored by the already traced
+train step, so a compiled model is recompiled, and with a *fresh* optimizer
+(recompiling with the same instance raises ``Unknown variable``).
+"""
+
+from __future__ import annotations
+
+from shared.strategies import Strategy, get_strategy, last_block
+from tf_impl.model import FineTuneModel, LegacyBatchNormalization, is_batch_norm, named_leaves
+
+__all__ = ["apply_strategy", "trainable_parameters"]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def apply_strategy(model: FineTuneModel, strategy: Strategy | str) -> FineTuneModel:
+    """Set ``trainable`` flags of ``model`` for ``strategy`` (recompiling if compiled); returns it."""
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    if not isinstance(model, FineTuneModel):
+        raise TypeError(f"apply_strategy needs a tf_impl FineTuneModel, got {type(model).__name__}")
+    # Reset every layer to trainable. Setting True on a layer that already reads True is a
+    # no-op in Keras 3.15 (attribute short-circuit), so children frozen one by one by an
+    # earlier strategy would stay frozen: go through False first.
+    model.trainable = False
+    model.trainable = True
+    leaves = list(named_leaves(model.base, "base"))
+    bn_names = [name for name, layer in leaves if is_batch_norm(layer)]
+    if strategy.name == "naive":
+        legacy = [n for n, layer in leaves if isinstance(layer, LegacyBatchNormalization)]
+        if legacy != bn_names:
+            raise ValueError("strategy 'naive' reproduces the pre-TF-2.0 BatchNormalization: build the "
+                             "model with norm_layer=default_norm_layer(config, LegacyBatchNormalization)")
+        model.base.trainable = False
+    elif strategy.base_trains == "none":
+        model.base.trainable = False
+    elif strategy.base_trains == "bn":
+        for name, layer in leaves:
+            layer.trainable = name in bn_names
+    elif strategy.base_trains == "last_block":
+        block = last_block(model.arch)
+        for name, layer in leaves:
+            layer.trainable = _under(name, block) and name not in bn_names
+    elif strategy.base_trains != "all":
+        raise ValueError(f"strategy {strategy.name!r}: unknown base_trains {strategy.base_trains!r}")
+    if model.compiled:
+        _recompile_fresh(model)
+    return model
+
+
+def _recompile_fresh(model: FineTuneModel) -> None:
+    # The traced train step keeps the old trainable set; the same optimizer instance
+    # would raise "Unknown variable" on the new set. A fresh optimizer of the same config.
+    optimizer = model.optimizer.__class__.from_config(model.optimizer.get_config())
+    model.compile(optimizer=optimizer, loss=model.loss, metrics=model._compile_config.config.get("metrics")
+                  if model._compile_config else None)
+
+
+def trainable_parameters(model) -> list:
+    """Only the variables that train: what the optimizer updates."""
+    return list(model.trainable_variables)
