@@ -33,12 +33,12 @@ import numpy as np
 import safetensors.numpy as st_numpy
 
 __all__ = [
-    "FORMAT_VERSION",
     "BN_MOMENTUM_CONVENTION",
+    "FORMAT_VERSION",
     "CheckpointError",
-    "save_checkpoint",
-    "load_checkpoint",
     "check_tensors",
+    "load_checkpoint",
+    "save_checkpoint",
 ]
 
 FORMAT_VERSION = "1"
@@ -166,7 +166,8 @@ def save_checkpoint(path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, 
         raise CheckpointError(f"{where}: meta key 'arch': required, got {meta.get('arch')!r}")
     meta.setdefault("bn_momentum_convention", BN_MOMENTUM_CONVENTION)
 
-    contiguous = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    # np.require, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
+    contiguous = {key: np.require(value, requirements="C") for key, value in tensors.items()}
     try:
         data = st_numpy.save(contiguous, metadata=meta)
     except Exception as exc:

@@ -49,23 +49,23 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "SOURCE_CLASSES",
-    "TARGET_CLASSES",
-    "TARGET_BACKGROUND",
-    "TARGET_INK_GAIN",
     "MIN_SHIFT_MEAN_GAP",
     "MIN_SHIFT_VAR_RATIO",
-    "Split",
+    "SOURCE_CLASSES",
+    "TARGET_BACKGROUND",
+    "TARGET_CLASSES",
+    "TARGET_INK_GAIN",
     "Domains",
-    "load_domains",
+    "Split",
     "batches",
-    "take_batches",
-    "nhwc_to_nchw",
+    "channel_stats",
+    "load_domains",
     "nchw_to_nhwc",
+    "nhwc_to_nchw",
     "synthetic",
+    "take_batches",
     "validate_images",
     "validate_labels",
-    "channel_stats",
 ]
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -96,7 +96,10 @@ def validate_images(x, where: str) -> np.ndarray:
     Raises ``ValueError("<where>: images ...")`` naming the problem otherwise.
     """
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"{where}: images must be a numpy array, got {type(x).__name__}")
+        # ValueError, not TypeError: every bad input raises ValueError (the API's promise)
+        raise ValueError(  # noqa: TRY004
+            f"{where}: images must be a numpy array, got {type(x).__name__}"
+        )
     if x.ndim != 4:
         raise ValueError(
             f"{where}: images must have rank 4 (N, H, W, 3), got rank {x.ndim} shape {x.shape}"
@@ -124,7 +127,9 @@ def validate_images(x, where: str) -> np.ndarray:
 def validate_labels(y, num_classes: int, where: str) -> np.ndarray:
     """Return ``y`` unchanged if it is a rank-1 integer array with ``0 <= y < num_classes``."""
     if not isinstance(y, np.ndarray):
-        raise ValueError(f"{where}: labels must be a numpy array, got {type(y).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"{where}: labels must be a numpy array, got {type(y).__name__}"
+        )
     if y.ndim != 1:
         raise ValueError(f"{where}: labels must have rank 1, got rank {y.ndim} shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):  # bool is not an integer dtype here
@@ -143,7 +148,9 @@ def validate_labels(y, num_classes: int, where: str) -> np.ndarray:
 def _check_count(value, name: str, where: str, *, minimum: int) -> int:
     """An ``int`` (not bool) >= minimum, else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{where}: {name} must be an int, got {type(value).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"{where}: {name} must be an int, got {type(value).__name__}"
+        )
     if value < minimum:
         raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
     return int(value)
@@ -242,11 +249,11 @@ def _as_target(grey: np.ndarray) -> np.ndarray:
 def _stratified_split(
     labels: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices (each sorted) with ``round(n_c * test_fraction)`` test items per class."""
+    """Sorted train and test indices, ``round(n_c * test_fraction)`` test items per class."""
     train, test = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(len(members) * test_fraction))
+        n_test = round(len(members) * test_fraction)
         test.append(members[:n_test])
         train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -313,7 +320,9 @@ def batches(
     """
     where = f"batches({split.name})" if isinstance(split, Split) else "batches"
     if not isinstance(split, Split):
-        raise ValueError(f"{where}: split must be a Split, got {type(split).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"{where}: split must be a Split, got {type(split).__name__}"
+        )
     batch_size = _check_count(batch_size, "batch_size", where, minimum=1)
     seed = _check_count(seed, "seed", where, minimum=0)
     epochs = _check_count(epochs, "epochs", where, minimum=1)
