@@ -42,7 +42,6 @@ framework, so both frameworks see identical batches.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,6 +62,7 @@ __all__ = [
     "nchw_to_nhwc",
     "nhwc_to_nchw",
     "synthetic",
+    "take_batch_indices",
     "take_batches",
     "validate_images",
     "validate_labels",
@@ -343,17 +343,41 @@ def _batches(split, batch_size, seed, epochs, shuffle, drop_last):
             yield split.images[idx], split.labels[idx]  # fancy indexing copies
 
 
+def take_batch_indices(
+    n: int, batch_size: int, steps: int, *, seed: int = 0, shuffle: bool = True
+) -> list[np.ndarray]:
+    """Index arrays of exactly ``steps`` full batches over a split of ``n`` items.
+
+    The same order as :func:`batches` (epoch ``e`` permuted by ``default_rng([seed, e])``,
+    incomplete final batches dropped), as indices, so a run can cache per-item work
+    (features computed once) and still see the batches both frameworks see.
+    """
+    steps = _check_count(steps, "steps", "take_batch_indices", minimum=0)
+    batch_size = _check_count(batch_size, "batch_size", "take_batch_indices", minimum=1)
+    seed = _check_count(seed, "seed", "take_batch_indices", minimum=0)
+    if batch_size > n:
+        raise ValueError(f"take_batch_indices: batch_size {batch_size} > {n} items gives no batches")
+    per_epoch = n // batch_size
+    out: list[np.ndarray] = []
+    epoch = 0
+    while len(out) < steps:
+        order = _epoch_order(n, seed, epoch, bool(shuffle))
+        for start in range(0, per_epoch * batch_size, batch_size):
+            if len(out) == steps:
+                break
+            out.append(order[start : start + batch_size])
+        epoch += 1
+    return out
+
+
 def take_batches(
     split: Split, batch_size: int, steps: int, *, seed: int = 0, shuffle: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exactly ``steps`` full batches: the first ``steps`` of ``batches(..., drop_last=True)``
     run over as many epochs as needed."""
-    steps = _check_count(steps, "steps", "take_batches", minimum=0)
     batches(split, batch_size, seed=seed, shuffle=shuffle)  # checks the other arguments
-    per_epoch = len(split) // batch_size  # >= 1, checked just above
-    epochs = max(1, -(-steps // per_epoch))
-    it = batches(split, batch_size, seed=seed, epochs=epochs, shuffle=shuffle, drop_last=True)
-    return list(itertools.islice(it, steps))
+    return [(split.images[idx], split.labels[idx])
+            for idx in take_batch_indices(len(split), batch_size, steps, seed=seed, shuffle=shuffle)]
 
 
 # --------------------------------------------------------------------------- #

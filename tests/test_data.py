@@ -359,3 +359,16 @@ def test_split_rejects_bad_fields(images, labels, num_classes, needle):
 def test_digits_cache_is_read_only():
     grey, digits = data._digits()
     assert not grey.flags.writeable and not digits.flags.writeable
+
+
+def test_take_batch_indices_match_take_batches():
+    split = data.load_domains().target_train
+    indices = data.take_batch_indices(len(split), 32, 50, seed=3)
+    pairs = data.take_batches(split, 32, 50, seed=3)
+    assert len(indices) == len(pairs) == 50
+    for idx, (x, y) in zip(indices, pairs):
+        assert np.array_equal(split.images[idx], x) and np.array_equal(split.labels[idx], y)
+    # the same order as batches() over two epochs (drop_last)
+    per_epoch = len(split) // 32
+    flat = list(data.batches(split, 32, seed=3, epochs=3))[:50]
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(flat, pairs)) and per_epoch < 50

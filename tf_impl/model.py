@@ -52,7 +52,7 @@ class TorchVarianceBatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):
             return super().call(inputs, training=False)
-        inputs = ops.cast(inputs, "float32")
+        inputs = ops.cast(inputs, self.compute_dtype)
         mean, variance, count = self._batch_moments(inputs)
         unbiased = variance * count / (count - 1.0)
         m = self.momentum
@@ -73,7 +73,7 @@ class LegacyBatchNormalization(TorchVarianceBatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         if training and not self.trainable:
-            inputs = ops.cast(inputs, "float32")
+            inputs = ops.cast(inputs, self.compute_dtype)
             mean, variance, _ = self._batch_moments(inputs)
             return self._normalise(inputs, mean, variance)
         return super().call(inputs, training=training, mask=mask)

@@ -15,7 +15,7 @@ import numpy as np
 from shared.checkpoint import check_tensors
 from tf_impl.model import named_leaves
 
-__all__ = ["canonical_shapes", "export_weights", "import_weights"]
+__all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping"]
 
 # Keras layout -> canonical layout, and back (the one place transposes live).
 _TO_CANONICAL = {"conv": (3, 2, 0, 1), "dense": (1, 0), "vector": None}
@@ -67,3 +67,8 @@ def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors"
         axes = _FROM_CANONICAL[kind]
         value = tensors[key] if axes is None else np.transpose(tensors[key], axes)
         var.assign(np.ascontiguousarray(value))
+
+
+def export_bookkeeping(model) -> dict[str, np.ndarray]:
+    """Framework-only state outside the canonical form: none in Keras (no BN counter)."""
+    return {}

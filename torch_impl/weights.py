@@ -15,7 +15,7 @@ from torch import nn
 
 from shared.checkpoint import check_tensors
 
-__all__ = ["canonical_shapes", "export_weights", "import_weights"]
+__all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping"]
 
 _BOOKKEEPING = "num_batches_tracked"
 
@@ -43,3 +43,13 @@ def import_weights(model: nn.Module, tensors: dict[str, np.ndarray], where: str 
     check_tensors(tensors, canonical_shapes(model), where)
     for key, target in _canonical_items(model):
         target.copy_(torch.from_numpy(np.ascontiguousarray(tensors[key])))
+
+
+def export_bookkeeping(model: nn.Module) -> dict[str, np.ndarray]:
+    """Framework-only state outside the canonical form: torch's ``num_batches_tracked``.
+
+    Runs compare it too: a frozen BatchNorm whose counter moved was in training mode.
+    """
+    return {key: value.detach().cpu().numpy().astype(np.float64)
+            for key, value in model.state_dict().items()
+            if key.rsplit(".", 1)[-1] == _BOOKKEEPING}

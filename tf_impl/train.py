@@ -1,0 +1,187 @@
+"""Pretraining and fine-tuning runs in Keras, through ``model.fit`` (what users run).
+
+``fit`` reports a running mean of batch losses, so the per-step training-mode
+loss is read from :class:`BatchLoss`, a metric holding only the current
+batch's loss (computed from the same training-mode forward pass that made the
+gradients). The inference-mode loss at the pre-update weights is taken by
+:class:`StepRecorder` at the start of each batch. Mirrors ``torch_impl/train.py``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from shared import data
+from shared.archs import arch_config
+from shared.finetune import eval_points, finish, prepare
+from shared.init import canonical_init
+from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
+from shared.strategies import get_strategy
+from tf_impl.freeze import apply_strategy
+from tf_impl.model import (
+    LegacyBatchNormalization,
+    TorchVarianceBatchNormalization,
+    build_model,
+    default_norm_layer,
+)
+from tf_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
+
+__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "BatchLoss", "StepRecorder", "HeadModel"]
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # = torch CrossEntropyLoss
+
+
+def make_optimizer(config) -> keras.optimizers.Optimizer:
+    """SGD (optionally with momentum) or Adam, set up to update exactly as torch's do.
+
+    See ``torch_impl.train.make_optimizer``: same formulas for SGD; for Adam the
+    epsilon placement differs, so parity runs use a negligible epsilon; no weight decay.
+    """
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
+    return keras.optimizers.Adam(learning_rate=config.learning_rate, beta_1=0.9, beta_2=0.999,
+                                 epsilon=config.adam_epsilon)
+
+
+def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True):
+    """BatchNorm factory: the legacy layer for ``naive``, torch's variance convention for parity."""
+    if strategy == "naive":
+        cls = LegacyBatchNormalization
+    elif reconcile_bn_variance:
+        cls = TorchVarianceBatchNormalization
+    else:
+        cls = keras.layers.BatchNormalization
+    return default_norm_layer(arch_config(arch), cls)
+
+
+class BatchLoss(keras.metrics.Metric):
+    """The current batch's loss, not a running mean (what ``fit``'s ``loss`` log is)."""
+
+    def __init__(self, name: str = "batch_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        self.value.assign(ops.mean(loss))
+
+    def result(self):
+        return self.value
+
+    def reset_state(self):
+        self.value.assign(0.0)
+
+
+class HeadModel(keras.Model):
+    """The head alone, trained on cached features (``feature_extraction``)."""
+
+    def __init__(self, head, **kwargs):
+        super().__init__(**kwargs)
+        self.head = head
+
+    def call(self, x, training=None):
+        return self.head(x, training=training)
+
+
+def _inference(model):
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def _mean_loss(y: np.ndarray, logits) -> tuple[float, float]:
+    loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    accuracy = np.mean(np.argmax(ops.convert_to_numpy(logits), axis=1) == y)
+    return float(ops.mean(loss)), float(accuracy)
+
+
+def evaluate(model, split: data.Split, batch_size: int = 256, infer=None) -> tuple[float, float]:
+    """Inference-mode mean loss and accuracy on ``split``."""
+    infer = infer or _inference(model)
+    logits = ops.concatenate([infer(split.images[i:i + batch_size])
+                              for i in range(0, len(split), batch_size)], axis=0)
+    return _mean_loss(split.labels, logits)
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """Per-step eval loss (pre-update weights), train loss (BatchLoss) and held-out points."""
+
+    def __init__(self, inputs, labels, indices, heldout_eval, points):
+        super().__init__()
+        self.inputs, self.labels, self.indices = inputs, labels, indices
+        self.heldout_eval, self.points = heldout_eval, points
+        self.steps: list[StepRecord] = []
+        self.heldout: list[HeldOut] = []
+        self._eval_loss = 0.0
+        self._infer = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._infer is None:
+            self._infer = _inference(self.model)
+        if batch in self.points:
+            self.heldout.append(HeldOut(batch, *self.heldout_eval()))
+        idx = self.indices[batch]
+        self._eval_loss, _ = _mean_loss(self.labels[idx], self._infer(self.inputs[idx]))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append(StepRecord(batch, float(logs["batch_loss"]), self._eval_loss))
+
+
+def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
+    """Train ``config.arch`` + a source head on the source domain; canonical tensors, metrics."""
+    keras.utils.set_random_seed(config.seed)
+    domains = data.load_domains(size=arch_config(config.arch).image_size)
+    model = build_model(config.arch, domains.source_train.num_classes,
+                        norm_layer=norm_layer_for(config.arch, "full"))
+    import_weights(model, canonical_init(canonical_shapes(model), config.seed), "canonical init")
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate,
+                                                 momentum=config.momentum), loss=_loss())
+    pairs = list(data.batches(domains.source_train, config.batch_size, seed=config.seed,
+                              epochs=config.epochs))
+    x = np.concatenate([p[0] for p in pairs])
+    y = np.concatenate([p[1] for p in pairs])
+    model.fit(x, y, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0)
+    loss, accuracy = evaluate(model, domains.source_test)
+    return export_weights(model), {"loss": loss, "accuracy": accuracy}
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {**export_weights(model), **export_bookkeeping(model)}
+
+
+def run(config: RunConfig) -> RunRecord:
+    """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
+    keras.utils.set_random_seed(config.seed)
+    prepared = prepare(config)
+    strategy = get_strategy(config.strategy)
+    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
+                        norm_layer=norm_layer_for(config.arch, strategy.name,
+                                                  config.reconcile_bn_variance))
+    import_weights(model, prepared.initial, prepared.checkpoint)
+    apply_strategy(model, strategy)
+    before = _state(model)
+    full_infer = _inference(model)
+
+    def heldout_eval():
+        return evaluate(model, prepared.heldout, infer=full_infer)
+
+    if strategy.cached_features:
+        # Split the model: the base runs once, in inference mode, over the training split.
+        base_infer = tf.function(lambda x: model.base(x, training=False), reduce_retracing=True)
+        inputs = ops.convert_to_numpy(ops.concatenate(
+            [base_infer(prepared.train.images[i:i + 256])
+             for i in range(0, len(prepared.train), 256)], axis=0))
+        trainee = HeadModel(model.head)
+    else:
+        inputs, trainee = prepared.train.images, model
+    recorder = StepRecorder(inputs, prepared.train.labels, prepared.indices, heldout_eval,
+                            set(eval_points(config)))
+    trainee.compile(optimizer=make_optimizer(config), loss=_loss(), metrics=[BatchLoss()])
+    order = np.concatenate(prepared.indices)
+    trainee.fit(inputs[order], prepared.train.labels[order], batch_size=config.batch_size,
+                epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
+    heldout = recorder.heldout + [HeldOut(config.steps, *heldout_eval())]
+    return finish("tf", config, recorder.steps, heldout, before, _state(model))

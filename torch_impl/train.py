@@ -1,0 +1,125 @@
+"""Pretraining and fine-tuning runs in PyTorch: a plain eager loop.
+
+Per step the loop records the inference-mode loss on the batch at the
+pre-update weights (``eval_loss``), then the training-mode loss whose
+gradients make the update (``train_loss``). Mirrors ``tf_impl/train.py``,
+which trains through ``model.fit``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared import data
+from shared.archs import arch_config
+from shared.finetune import eval_points, finish, prepare
+from shared.init import canonical_init
+from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
+from shared.strategies import get_strategy
+from torch_impl.freeze import apply_strategy, trainable_parameters
+from torch_impl.model import build_model
+from torch_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
+
+__all__ = ["make_optimizer", "evaluate", "pretrain", "run"]
+
+_LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(data.nhwc_to_nchw(x))
+
+
+def make_optimizer(config, params) -> torch.optim.Optimizer:
+    """SGD (optionally with momentum) or Adam, set up to update exactly as Keras's do.
+
+    SGD: same formula in both frameworks (no dampening, no Nesterov). Adam: same
+    betas; epsilon placement differs (Keras adds it before bias correction), so
+    parity runs use an epsilon too small to matter. No weight decay: Keras's is
+    decoupled (AdamW), torch Adam's is L2.
+    """
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
+    return torch.optim.Adam(params, lr=config.learning_rate, betas=(0.9, 0.999),
+                            eps=config.adam_epsilon)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: data.Split, batch_size: int = 256) -> tuple[float, float]:
+    """Inference-mode mean loss and accuracy on ``split``; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        x = _tensor(split.images[start:start + batch_size])
+        y = torch.from_numpy(split.labels[start:start + batch_size])
+        logits = model(x)
+        total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    return total / len(split), correct / len(split)
+
+
+def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
+    """Train ``config.arch`` + a source head on the source domain; canonical tensors, metrics."""
+    torch.manual_seed(config.seed)  # nothing random should depend on it; belt and braces
+    domains = data.load_domains(size=arch_config(config.arch).image_size)
+    model = build_model(config.arch, domains.source_train.num_classes)
+    import_weights(model, canonical_init(canonical_shapes(model), config.seed), "canonical init")
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
+                                momentum=config.momentum)
+    model.train()
+    for x, y in data.batches(domains.source_train, config.batch_size, seed=config.seed,
+                             epochs=config.epochs):
+        optimizer.zero_grad()
+        _LOSS(model(_tensor(x)), torch.from_numpy(y)).backward()
+        optimizer.step()
+    loss, accuracy = evaluate(model, domains.source_test)
+    return export_weights(model), {"loss": loss, "accuracy": accuracy}
+
+
+def _state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {**export_weights(model), **export_bookkeeping(model)}
+
+
+def run(config: RunConfig) -> RunRecord:
+    """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
+    prepared = prepare(config)
+    strategy = get_strategy(config.strategy)
+    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout)
+    import_weights(model, prepared.initial, prepared.checkpoint)
+    apply_strategy(model, strategy)
+    before = _state(model)
+    points = set(eval_points(config))
+    steps, heldout = [], []
+    optimizer = make_optimizer(config, trainable_parameters(model))
+
+    if strategy.cached_features:
+        # Split the model: the base runs once, in inference mode, over the training split.
+        model.eval()
+        with torch.no_grad():
+            features = torch.cat([model.features(_tensor(prepared.train.images[i:i + 256]))
+                                  for i in range(0, len(prepared.train), 256)])
+        forward, head = model.head, model.head
+        inputs = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
+    else:
+        forward, head = model, model
+        inputs = lambda idx: _tensor(prepared.train.images[idx])  # noqa: E731
+
+    model.train()
+    for step, idx in enumerate(prepared.indices):
+        if step in points:
+            heldout.append(HeldOut(step, *evaluate(model, prepared.heldout)))
+        x, y = inputs(idx), torch.from_numpy(prepared.train.labels[idx])
+        head.eval()
+        with torch.no_grad():
+            eval_loss = float(_LOSS(forward(x), y))
+        head.train()
+        loss = _LOSS(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps.append(StepRecord(step, float(loss.detach()), eval_loss))
+    heldout.append(HeldOut(config.steps, *evaluate(model, prepared.heldout)))
+    return finish("torch", config, steps, heldout, before, _state(model))
