@@ -22,6 +22,9 @@ from shared.strategies import get_strategy
 __all__ = ["RunConfig", "StepRecord", "HeldOut", "RunRecord", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam")
+# Small enough that 30 steps of every parity strategy stay within the step tolerance,
+# large enough that the head visibly learns.
+DEFAULT_LEARNING_RATE = {"sgd": 0.01, "adam": 0.001}
 RECORD_VERSION = 1
 
 
@@ -33,7 +36,8 @@ class RunConfig:
     batch_size: int = 32
     # sgd: plain or with momentum; adam: see adam_epsilon
     optimizer: str = "sgd"
-    learning_rate: float = 0.05
+    # None = the optimizer's default below (SGD 0.01, Adam 0.001)
+    learning_rate: float | None = None
     momentum: float = 0.9  # sgd only; 0 = plain SGD
     # Keras adds epsilon to sqrt(v) *before* bias correction, torch after; no single
     # value makes them equal, so parity runs use an epsilon too small to matter.
@@ -45,10 +49,15 @@ class RunConfig:
     eval_every: int = 10
     # update Keras's moving variance with the unbiased batch variance, as torch does
     reconcile_bn_variance: bool = True
+    # float32 is what users run; float64 shows that cross-framework differences are
+    # float32 rounding (amplified by batch-statistics backward), not different maths
+    dtype: str = "float32"
     # canonical pretrained checkpoint; None = the cached one for `arch` (pretrained if absent)
     checkpoint: str | None = None
 
     def __post_init__(self):
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATE.get(self.optimizer))
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
         get_strategy(self.strategy)
@@ -59,8 +68,11 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm needs a batch variance)")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+                and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 

@@ -178,11 +178,27 @@ def is_batch_norm(layer) -> bool:
 
 
 def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
-                norm_layer: Callable[[int], keras.layers.Layer] | None = None) -> FineTuneModel:
-    """A base of ``arch`` plus a new head of ``num_classes`` logits (NHWC input), built."""
+                norm_layer: Callable[[int], keras.layers.Layer] | None = None,
+                dtype: str = "float32") -> FineTuneModel:
+    """A base of ``arch`` plus a new head of ``num_classes`` logits (NHWC input), built.
+
+    ``dtype="float64"`` builds every layer with a float64 policy (used to show that
+    cross-framework differences are float32 rounding, not different maths).
+    """
     config = arch_config(arch)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)  # layers take the policy in force when created
+    try:
+        return _build(arch, config, num_classes, head_dropout, norm_layer, dtype)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _build(arch, config, num_classes, head_dropout, norm_layer, dtype) -> FineTuneModel:
     norm_layer = norm_layer or default_norm_layer(config)
     if arch == "tinyconv":
         base = TinyConvBase(config, norm_layer, name="base")
@@ -192,6 +208,6 @@ def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
         base = resnet18_base(config, norm_layer)
     model = FineTuneModel(base, Head(config.feature_dim, num_classes, head_dropout, name="head"),
                           arch, config.feature_dim, config.image_size)
-    model(ops.zeros((1, config.image_size, config.image_size, 3)))  # create the variables
+    model(ops.zeros((1, config.image_size, config.image_size, 3), dtype=dtype))  # create variables
     return model
 

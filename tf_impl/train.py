@@ -32,8 +32,9 @@ from tf_impl.weights import canonical_shapes, export_bookkeeping, export_weights
 __all__ = ["make_optimizer", "evaluate", "pretrain", "run", "BatchLoss", "StepRecorder", "HeadModel"]
 
 
-def _loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # = torch CrossEntropyLoss
+def _loss(dtype: str = "float32"):
+    # = torch CrossEntropyLoss (mean over the batch); a Loss computes in its own dtype
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
 
 
 def make_optimizer(config) -> keras.optimizers.Optimizer:
@@ -64,7 +65,7 @@ class BatchLoss(keras.metrics.Metric):
 
     def __init__(self, name: str = "batch_loss", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value", dtype=self.dtype)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
@@ -98,10 +99,12 @@ def _mean_loss(y: np.ndarray, logits) -> tuple[float, float]:
     return float(ops.mean(loss)), float(accuracy)
 
 
-def evaluate(model, split: data.Split, batch_size: int = 256, infer=None) -> tuple[float, float]:
+def evaluate(model, split: data.Split, batch_size: int = 256, infer=None,
+             dtype: str | None = None) -> tuple[float, float]:
     """Inference-mode mean loss and accuracy on ``split``."""
     infer = infer or _inference(model)
-    logits = ops.concatenate([infer(split.images[i:i + batch_size])
+    images = split.images.astype(dtype or "float32")
+    logits = ops.concatenate([infer(images[i:i + batch_size])
                               for i in range(0, len(split), batch_size)], axis=0)
     return _mean_loss(split.labels, logits)
 
@@ -149,7 +152,8 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def _state(model) -> dict[str, np.ndarray]:
-    return {**export_weights(model), **export_bookkeeping(model)}
+    # float64 so that a float64 run's snapshot loses nothing
+    return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
 def run(config: RunConfig) -> RunRecord:
@@ -159,27 +163,31 @@ def run(config: RunConfig) -> RunRecord:
     strategy = get_strategy(config.strategy)
     model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
                         norm_layer=norm_layer_for(config.arch, strategy.name,
-                                                  config.reconcile_bn_variance))
+                                                  config.reconcile_bn_variance),
+                        dtype=config.dtype)
     import_weights(model, prepared.initial, prepared.checkpoint)
     apply_strategy(model, strategy)
     before = _state(model)
     full_infer = _inference(model)
 
     def heldout_eval():
-        return evaluate(model, prepared.heldout, infer=full_infer)
+        return evaluate(model, prepared.heldout, infer=full_infer, dtype=config.dtype)
+
+    images = prepared.train.images.astype(config.dtype)
+
 
     if strategy.cached_features:
         # Split the model: the base runs once, in inference mode, over the training split.
         base_infer = tf.function(lambda x: model.base(x, training=False), reduce_retracing=True)
         inputs = ops.convert_to_numpy(ops.concatenate(
-            [base_infer(prepared.train.images[i:i + 256])
-             for i in range(0, len(prepared.train), 256)], axis=0))
+            [base_infer(images[i:i + 256]) for i in range(0, len(images), 256)], axis=0))
         trainee = HeadModel(model.head)
     else:
-        inputs, trainee = prepared.train.images, model
+        inputs, trainee = images, model
     recorder = StepRecorder(inputs, prepared.train.labels, prepared.indices, heldout_eval,
                             set(eval_points(config)))
-    trainee.compile(optimizer=make_optimizer(config), loss=_loss(), metrics=[BatchLoss()])
+    trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),
+                    metrics=[BatchLoss(dtype=config.dtype)])
     order = np.concatenate(prepared.indices)
     trainee.fit(inputs[order], prepared.train.labels[order], batch_size=config.batch_size,
                 epochs=1, shuffle=False, verbose=0, callbacks=[recorder])

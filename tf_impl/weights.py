@@ -53,9 +53,9 @@ def canonical_shapes(model) -> dict[str, tuple[int, ...]]:
             for key, (var, kind) in _variables(model).items()}
 
 
-def export_weights(model) -> dict[str, np.ndarray]:
-    """Every weight and BN statistic as float32 numpy, canonical keys and layouts."""
-    return {key: _to_canonical(np.asarray(keras.ops.convert_to_numpy(var), np.float32), kind)
+def export_weights(model, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every weight and BN statistic as numpy (float32 = the canonical form), canonical keys."""
+    return {key: _to_canonical(np.asarray(keras.ops.convert_to_numpy(var), dtype), kind)
             for key, (var, kind) in _variables(model).items()}
 
 
@@ -66,7 +66,7 @@ def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors"
     for key, (var, kind) in variables.items():
         axes = _FROM_CANONICAL[kind]
         value = tensors[key] if axes is None else np.transpose(tensors[key], axes)
-        var.assign(np.ascontiguousarray(value))
+        var.assign(np.ascontiguousarray(value, dtype=var.dtype))
 
 
 def export_bookkeeping(model) -> dict[str, np.ndarray]:

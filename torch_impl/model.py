@@ -122,11 +122,18 @@ def is_batch_norm(module) -> bool:
 
 
 def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
-                norm_layer: Callable[[int], nn.Module] | None = None) -> FineTuneModel:
-    """A base of ``arch`` plus a new head of ``num_classes`` logits (NCHW input)."""
+                norm_layer: Callable[[int], nn.Module] | None = None,
+                dtype: str = "float32") -> FineTuneModel:
+    """A base of ``arch`` plus a new head of ``num_classes`` logits (NCHW input).
+
+    ``dtype="float64"`` converts every parameter and buffer (used to show that
+    cross-framework differences are float32 rounding, not different maths).
+    """
     config = arch_config(arch)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     norm_layer = norm_layer or default_norm_layer(config)
     if arch == "tinyconv":
         base = TinyConvBase(config, norm_layer)
@@ -134,5 +141,6 @@ def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
         from torch_impl.resnet import resnet18_base
 
         base = resnet18_base(config, norm_layer)
-    return FineTuneModel(base, Head(config.feature_dim, num_classes, head_dropout), arch,
-                         config.feature_dim)
+    model = FineTuneModel(base, Head(config.feature_dim, num_classes, head_dropout), arch,
+                          config.feature_dim)
+    return model.to(getattr(torch, dtype))

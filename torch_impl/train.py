@@ -27,8 +27,8 @@ __all__ = ["make_optimizer", "evaluate", "pretrain", "run"]
 _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(data.nhwc_to_nchw(x))
+def _tensor(x: np.ndarray, dtype: str = "float32") -> torch.Tensor:
+    return torch.from_numpy(data.nhwc_to_nchw(x)).to(getattr(torch, dtype))
 
 
 def make_optimizer(config, params) -> torch.optim.Optimizer:
@@ -49,10 +49,11 @@ def make_optimizer(config, params) -> torch.optim.Optimizer:
 def evaluate(model: nn.Module, split: data.Split, batch_size: int = 256) -> tuple[float, float]:
     """Inference-mode mean loss and accuracy on ``split``; restores the model's mode."""
     was_training = model.training
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model.eval()
     total, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
-        x = _tensor(split.images[start:start + batch_size])
+        x = _tensor(split.images[start:start + batch_size], dtype)
         y = torch.from_numpy(split.labels[start:start + batch_size])
         logits = model(x)
         total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
@@ -80,14 +81,16 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def _state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {**export_weights(model), **export_bookkeeping(model)}
+    # float64 so that a float64 run's snapshot loses nothing
+    return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
 def run(config: RunConfig) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
     prepared = prepare(config)
     strategy = get_strategy(config.strategy)
-    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout)
+    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
+                        dtype=config.dtype)
     import_weights(model, prepared.initial, prepared.checkpoint)
     apply_strategy(model, strategy)
     before = _state(model)
@@ -99,13 +102,14 @@ def run(config: RunConfig) -> RunRecord:
         # Split the model: the base runs once, in inference mode, over the training split.
         model.eval()
         with torch.no_grad():
-            features = torch.cat([model.features(_tensor(prepared.train.images[i:i + 256]))
+            features = torch.cat([model.features(_tensor(prepared.train.images[i:i + 256],
+                                                         config.dtype))
                                   for i in range(0, len(prepared.train), 256)])
         forward, head = model.head, model.head
         inputs = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
     else:
         forward, head = model, model
-        inputs = lambda idx: _tensor(prepared.train.images[idx])  # noqa: E731
+        inputs = lambda idx: _tensor(prepared.train.images[idx], config.dtype)  # noqa: E731
 
     model.train()
     for step, idx in enumerate(prepared.indices):

@@ -31,9 +31,9 @@ def canonical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in _canonical_items(model)}
 
 
-def export_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """Every parameter and BN statistic as float32 numpy, canonical keys and layouts."""
-    return {key: value.detach().cpu().numpy().astype(np.float32, copy=True)
+def export_weights(model: nn.Module, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every parameter and BN statistic as numpy (float32 = the canonical form), canonical keys."""
+    return {key: value.detach().cpu().numpy().astype(dtype, copy=True)
             for key, value in _canonical_items(model)}
 
 
@@ -42,7 +42,7 @@ def import_weights(model: nn.Module, tensors: dict[str, np.ndarray], where: str 
     """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness."""
     check_tensors(tensors, canonical_shapes(model), where)
     for key, target in _canonical_items(model):
-        target.copy_(torch.from_numpy(np.ascontiguousarray(tensors[key])))
+        target.copy_(torch.from_numpy(np.ascontiguousarray(tensors[key])))  # casts to the model's dtype
 
 
 def export_bookkeeping(model: nn.Module) -> dict[str, np.ndarray]:
