@@ -29,10 +29,11 @@ STEP_LOSS_RTOL = 1e-5
 TRAP_MIN_GAP = 1e-3
 
 # --- cross-framework optimizers ---------------------------------------------
-# The same gradients fed to the same optimizer in both frameworks for a few
-# steps: the update formulas associate differently (Adam's bias correction is
-# folded into the step size in Keras, into the denominator in torch); the
-# largest difference seen was 7e-7 (AdamW, parameters up to 2.3: 3 ulp).
+# The same gradients fed to the same optimizer in both frameworks (or to a
+# float64 numpy reference) for a few float32 steps: the update formulas
+# associate differently (Adam's bias correction is folded into the step size
+# in Keras, into the denominator in torch); the largest difference seen was
+# 7e-7 (AdamW, parameters up to 2.3: 3 ulp).
 OPTIMIZER_STEP_ATOL = 1e-6
 
 # --- cross-framework forward, ResNet-18 ------------------------------------
