@@ -257,7 +257,8 @@ def _optimizer_hazards(model, optimizer, tree) -> list:
               f"{len(frozen_since)} of them are frozen now, {len(unfrozen_since)} trainable "
               f"variables are new to it")
     traced = own and getattr(model, "train_function", None) is not None
-    code = "KERAS_TRAINABLE_CHANGED_AFTER_FIT" if traced else "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES"
+    code = ("KERAS_TRAINABLE_CHANGED_AFTER_FIT" if traced
+            else "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES")
     return [make_hazard(code, layers, detail)]
 
 
@@ -273,7 +274,8 @@ def audit(model, optimizer=None) -> AuditReport:
     leaves, rows, notes = _rows(model, tree, effective)
     hazards = _functional_hazards(model, tree)
     explained = {p for h in hazards for p in h.layers}
-    bn_batch = [row.name for row in rows if row.norm_mode == "batch" and row.params_trainable == "none"]
+    bn_batch = [row.name for row in rows
+                if row.norm_mode == "batch" and row.params_trainable == "none"]
     dropout = [row.name for (_, layer, ancestors), row in zip(leaves, rows)
                if row.dropout_active and row.name not in explained
                and _frozen_part(layer, ancestors, effective)]
@@ -302,17 +304,17 @@ def _snapshot(variables: dict[str, object]) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def freeze_guard(model) -> Iterator[None]:
+def freeze_guard(model) -> Iterator[list[str]]:
     """Raise :class:`FrozenTensorChanged` if the block changes a variable that must stay fixed.
 
     Guarded: every weight outside ``model.trainable_variables`` (frozen
     kernels, biases, BatchNorm gamma/beta) and the moving statistics of every
     BatchNormalization that a ``fit`` step runs in inference mode. Decided on
-    entry, compared bit for bit on exit.
+    entry, compared bit for bit on exit. Yields the guarded names.
     """
     variables = _guarded(model)
     before = _snapshot(variables)
-    yield
+    yield list(variables)
     changes = snapshot_diff(before, _snapshot(variables))
     if changes:
         raise FrozenTensorChanged(changes, "tf")

@@ -1,0 +1,123 @@
+"""freeze_guard: silent around a correctly frozen training step, loud around each classic mistake.
+
+Every "silent" test also checks that the head did train, so a guard that
+watched nothing (or a step that did nothing) cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared.archs import arch_config
+from shared.audit import FrozenTensorChanged
+from tf_impl import audit as tf_audit
+from tf_impl.freeze import apply_strategy as tf_apply
+from tf_impl.model import LegacyBatchNormalization, default_norm_layer
+from tf_impl.model import build_model as tf_build
+from torch_impl import audit as torch_audit
+from torch_impl.freeze import apply_strategy as torch_apply
+from torch_impl.freeze import trainable_parameters
+from torch_impl.model import build_model as torch_build
+
+N, CLASSES = 4, 5
+
+
+def _batch_torch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((N, 3, 32, 32)).astype(np.float32) + 1.0)
+    return x, torch.arange(N) % CLASSES
+
+
+def _step_torch(model: nn.Module, optimizer) -> None:
+    x, y = _batch_torch()
+    model.train()
+    optimizer.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def _fit_tf(model) -> None:
+    x = np.random.default_rng(0).standard_normal((N, 32, 32, 3)).astype("float32") + 1.0
+    model.fit(x, np.arange(N) % CLASSES, batch_size=N, epochs=1, verbose=0, shuffle=False)
+
+
+def _compile(model):
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+# --- torch ------------------------------------------------------------------------------------
+
+def test_freeze_guard_torch_naive_step_raises_naming_running_stats():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "naive")
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        _step_torch(model, optimizer)
+    changed = dict(caught.value.changes)
+    assert {"base.block1.bn.running_mean", "base.block1.bn.running_var",
+            "base.block1.bn.num_batches_tracked"} <= set(changed)
+    assert not any(name.endswith("conv.weight") for name in changed)  # no gradient reached them
+    assert "base.block1.bn.running_mean (max abs change " in str(caught.value)
+
+
+def test_freeze_guard_torch_frozen_step_silent():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "frozen")
+    head_before = model.head.fc.weight.detach().clone()
+    with torch_audit.freeze_guard(model) as watched:
+        _step_torch(model, torch.optim.SGD(trainable_parameters(model), lr=0.1))
+    assert not torch.equal(head_before, model.head.fc.weight)
+    assert {"base.block1.conv.weight", "base.block1.bn.running_mean",
+            "base.block1.bn.num_batches_tracked"} <= set(watched)
+    assert not any(name.startswith("head.") for name in watched)
+
+
+def test_freeze_guard_torch_late_freeze_momentum_moves_frozen_weights():
+    model = torch_build("tinyconv", CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # all parameters
+    _step_torch(model, optimizer)
+    torch_apply(model, "frozen")  # frozen now, but the optimizer keeps its momentum buffers
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        _step_torch(model, optimizer)
+    assert "base.block1.conv.weight" in dict(caught.value.changes)
+
+
+def test_freeze_guard_body_exception_propagates_unchanged():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "naive")
+    with pytest.raises(KeyError), torch_audit.freeze_guard(model):
+        _step_torch(model, torch.optim.SGD(trainable_parameters(model), lr=0.1))
+        raise KeyError("from the body")
+
+
+# --- Keras ------------------------------------------------------------------------------------
+
+def test_freeze_guard_tf_unrecompiled_freeze_raises():
+    model = _compile(tf_build("tinyconv", CLASSES))
+    _fit_tf(model)
+    model.base.trainable = False  # no recompile: the traced train step still trains the base
+    with pytest.raises(FrozenTensorChanged) as caught, tf_audit.freeze_guard(model):
+        _fit_tf(model)
+    changed = dict(caught.value.changes)
+    assert {"base.block1.conv.kernel", "base.block1.bn.moving_mean"} <= set(changed)
+
+
+def test_freeze_guard_tf_frozen_fit_silent():
+    model = _compile(tf_apply(tf_build("tinyconv", CLASSES), "frozen"))
+    head_before = model.head.fc.kernel.numpy()
+    with tf_audit.freeze_guard(model) as watched:
+        _fit_tf(model)
+    assert not np.array_equal(head_before, model.head.fc.kernel.numpy())
+    assert {"base.block1.conv.kernel", "base.block1.bn.moving_mean"} <= set(watched)
+    assert not any(name.startswith("head.") for name in watched)
+
+
+def test_freeze_guard_tf_naive_legacy_bn_silent():
+    # Keras's classic mistake changes the loss, not the frozen tensors (strategies.py "naive").
+    norm = default_norm_layer(arch_config("tinyconv"), LegacyBatchNormalization)
+    model = _compile(tf_apply(tf_build("tinyconv", CLASSES, norm_layer=norm), "naive"))
+    with tf_audit.freeze_guard(model):
+        _fit_tf(model)
