@@ -1,0 +1,164 @@
+"""``freeze-parity compare``: every strategy in both frameworks, as a table, a report and a figure.
+
+Runs each strategy in Keras and PyTorch from the same pretrained checkpoint,
+on the same batches, and prints one row per strategy (see
+:mod:`shared.report`). Writes ``report.md``, ``report.json`` and
+``figure.png`` (all or none) to ``--out``. Exit status: 0 when every declared
+expectation and cross-framework parity holds, 1 when any fails (each named
+below the table), 2 for bad usage or input, checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from shared import frameworks
+from shared.archs import ARCHS
+from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.errors import UsageError
+from shared.io import ensure_writable_dir
+from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint
+from shared.record import OPTIMIZERS, RunConfig
+from shared.strategies import STRATEGIES
+
+__all__ = ["DEFAULT_OUT", "add_parser", "parse_strategies", "pretrained_checkpoint", "run"]
+
+DEFAULT_OUT = Path("reports") / "latest"
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated, in table order (default: all: {','.join(STRATEGIES)})")
+    parser.add_argument("--steps", type=int, default=RunConfig.steps,
+                        help=f"optimizer steps per run (default {RunConfig.steps})")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.01, Adam 0.001")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="canonical pretrained checkpoint (default: the cached one, "
+                             "pretrained on first use)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory for report.md, report.json, figure.png (default {DEFAULT_OUT})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+
+
+def parse_strategies(text: str) -> list[str]:
+    """``"frozen, naive"`` -> ``["frozen", "naive"]``; UsageError naming unknown ones."""
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--strategies: no strategy given; expected some of: {', '.join(STRATEGIES)}")
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown:
+        raise UsageError(f"--strategies: unknown strategy {', '.join(map(repr, unknown))}; "
+                         f"expected some of: {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))  # first occurrence wins, order kept
+
+
+def _cached_checkpoint_usable(arch: str) -> bool:
+    path = checkpoint_path(PretrainConfig(arch=arch))
+    try:
+        return path.is_file() and load_checkpoint(path)[1].get("arch") == arch
+    except CheckpointError:
+        return False
+
+
+def pretrained_checkpoint(arch: str, command: str = "compare") -> str:
+    """The cached pretrained checkpoint of ``arch``; pretrains it first (and says so) if absent."""
+    if not _cached_checkpoint_usable(arch):
+        print(f"freeze-parity {command}: no pretrained {arch} checkpoint in the cache yet: "
+              f"pretraining it on the source domain first (once; "
+              f"{checkpoint_path(PretrainConfig(arch=arch))})", file=sys.stderr, flush=True)
+    return str(ensure_checkpoint(arch))
+
+
+def _check_checkpoint(config: RunConfig) -> None:
+    """Load ``config.checkpoint`` into a model exactly as a run will; CheckpointError if it can't."""
+    from shared.finetune import prepare
+
+    prepared = prepare(config)  # readable, made for this arch, has base tensors
+    model_module = frameworks.load("torch", "model")
+    weights = frameworks.load("torch", "weights")
+    model = model_module.build_model(config.arch, prepared.num_classes)
+    weights.import_weights(model, prepared.initial, prepared.checkpoint)  # keys and shapes
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name, dists in (("torch", ("torch",)), ("tensorflow", ("tensorflow-cpu", "tensorflow")),
+                        ("keras", ("keras",))):
+        for dist in dists:
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _progress(quiet: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                    disable=quiet)
+
+
+def run(args) -> int:
+    # --- everything that can be wrong with the input, before anything runs ---------------
+    strategies = parse_strategies(args.strategies)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
+                               optimizer=args.optimizer, learning_rate=args.lr)
+               for name in strategies}  # ValueError (exit 2) for a bad --lr
+    out = ensure_writable_dir(args.out, "--out directory")
+    checkpoint = (str(args.checkpoint) if args.checkpoint is not None
+                  else pretrained_checkpoint(args.arch))
+    configs = {name: RunConfig(**{**config.__dict__, "checkpoint": checkpoint})
+               for name, config in configs.items()}
+    _check_checkpoint(next(iter(configs.values())))
+
+    # --- the matrix ---------------------------------------------------------------------
+    from shared.report import build_report, render_json, render_table, table_width, write_reports
+
+    trainers = {fw: frameworks.load(fw, "train") for fw in ("torch", "tf")}  # torch first
+    pairs = []
+    with _progress(args.quiet) as progress:
+        task = progress.add_task("starting", total=2 * len(configs))
+        for name, config in configs.items():
+            records = {}
+            for fw in ("tf", "torch"):
+                progress.update(task, description=f"{name} [{fw}]")
+                records[fw] = trainers[fw].run(config)
+                progress.advance(task)
+            pairs.append((records["tf"], records["torch"]))
+        progress.update(task, description="done")
+    first = next(iter(configs.values()))
+    settings = {"arch": first.arch, "optimizer": first.optimizer,
+                "learning_rate": first.learning_rate, "momentum": first.momentum,
+                "steps": first.steps, "batch_size": first.batch_size, "seed": first.seed,
+                "dtype": first.dtype, "checkpoint": checkpoint, "strategies": list(configs),
+                "versions": _versions()}
+    report = build_report(pairs, settings)
+    paths = write_reports(report, out)
+
+    # --- output -------------------------------------------------------------------------
+    if args.json:
+        sys.stdout.write(render_json(report))
+    else:
+        from rich.console import Console
+
+        table = render_table(report)
+        console = Console()
+        console = Console(width=max(console.width, table_width(table, console)))
+        console.print(table)
+        for failure in report.failures:
+            print(f"FAILED: {failure}")
+        print(("every declared expectation and cross-framework parity holds" if report.ok else
+               f"{len(report.failures)} failure(s)") + f"; reports: {', '.join(map(str, paths.values()))}")
+    return 0 if report.ok else 1
+

@@ -1,0 +1,324 @@
+"""The compare report: one table, three renderings (terminal, Markdown, JSON) and a figure.
+
+:func:`build_report` turns the two RunRecords of each strategy into a
+:class:`Report`: one row per strategy with the numbers the table shows (full
+precision; each column names its display format), a verdict against the
+strategy's declared expectations and cross-framework parity, and the per-step
+losses. Every rendering formats the same row values with the same column
+formats, so ``report.json`` holds exactly what the table shows.
+:func:`write_reports` writes ``report.md``, ``report.json`` and
+``figure.png`` all-or-nothing. Framework-free: matplotlib (Agg, no pyplot)
+and rich only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.compare import Comparison, compare_records, expectation_failures
+from shared.io import atomic_path
+from shared.record import RunRecord
+from shared.strategies import get_strategy
+
+__all__ = [
+    "COLUMNS",
+    "REPORT_FILES",
+    "REPORT_VERSION",
+    "Column",
+    "Report",
+    "build_report",
+    "figure_size",
+    "format_cell",
+    "render_figure",
+    "render_json",
+    "render_markdown",
+    "render_table",
+    "verdict",
+    "write_reports",
+]
+
+REPORT_VERSION = 1
+REPORT_FILES = ("report.md", "report.json", "figure.png")
+FRAMEWORK_ORDER = ("tf", "torch")
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    # format spec for numbers (format(value, fmt)); None: the value is text
+    fmt: str | None = None
+    description: str = ""
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("strategy", "strategy", None, "freezing strategy (shared/strategies.py)"),
+    *(c for fw in FRAMEWORK_ORDER for c in (
+        Column(f"{fw}_train", f"{fw} train", ".4f",
+               f"{fw}: training-mode loss of the last step (the loss its gradients came from)"),
+        Column(f"{fw}_eval", f"{fw} eval", ".4f",
+               f"{fw}: inference-mode loss of the last step's batch at the same weights"),
+        Column(f"{fw}_gap", f"{fw} gap", ".3g",
+               f"{fw}: largest |train - eval| over all steps (0 when BatchNorm is in inference mode)"),
+    )),
+    Column("max_diff", "max |tf-torch|", ".3g",
+           "largest cross-framework difference of per-step train/eval and held-out losses"),
+    Column("tolerance", "tolerance", None, "the named tolerance parity is judged with "
+           "(shared/tolerances.py)"),
+    Column("verdict", "verdict", None, "declared expectations and parity: ok, or what failed"),
+)
+
+
+def format_cell(value, column: Column) -> str:
+    if column.fmt is None:
+        return str(value)
+    return format(float(value), column.fmt)
+
+
+def verdict(comparison: Comparison, failures: dict[str, list[str]]) -> str:
+    """Short verdict of one strategy: "ok", "ok: differs as expected", or "FAIL: what"."""
+    problems = []
+    if comparison.failures:
+        problems.append("parity" if comparison.expected_to_match else "agree, expected to differ")
+    problems += [f"{fw} expectations" for fw in FRAMEWORK_ORDER if failures.get(fw)]
+    if problems:
+        return "FAIL: " + ", ".join(problems)
+    return "ok" if comparison.expected_to_match else "ok: differs as expected"
+
+
+def _run_data(record: RunRecord) -> dict:
+    return {
+        "train_loss": record.train_losses,
+        "eval_loss": record.eval_losses,
+        "heldout": [{"step": h.step, "loss": h.loss, "accuracy": h.accuracy} for h in record.heldout],
+        "frozen_unchanged": record.frozen_unchanged,
+        "frozen_changes": dict(record.frozen_changes),
+        "bn_stats_changed": record.bn_stats_changed,
+        "bn_stats_max_change": record.bn_stats_max_change,
+    }
+
+
+@dataclass
+class Report:
+    settings: dict
+    rows: list[dict]
+    # every failure sentence, parity and expectations, in strategy order
+    failures: list[str]
+    # strategy -> {"tf": run data, "torch": run data, "comparison": {...}}
+    runs: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def strategies(self) -> list[str]:
+        return [row["strategy"] for row in self.rows]
+
+    def cells(self) -> list[list[str]]:
+        """The table as displayed: one list of strings per row, in COLUMNS order."""
+        return [[format_cell(row[c.key], c) for c in COLUMNS] for row in self.rows]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": REPORT_VERSION,
+            "settings": dict(self.settings),
+            "ok": self.ok,
+            "failures": list(self.failures),
+            "table": {
+                "columns": [{"key": c.key, "title": c.title, "format": c.fmt,
+                             "description": c.description} for c in COLUMNS],
+                "rows": [dict(row) for row in self.rows],
+            },
+            "runs": self.runs,
+        }
+
+
+def build_report(pairs: list[tuple[RunRecord, RunRecord]], settings: dict) -> Report:
+    """A Report from ``(tf_record, torch_record)`` per strategy, in the order given."""
+    rows, failures, runs = [], [], {}
+    for tf_record, torch_record in pairs:
+        if (tf_record.framework, torch_record.framework) != FRAMEWORK_ORDER:
+            raise ValueError(f"build_report: expected (tf, torch) records, got "
+                             f"({tf_record.framework}, {torch_record.framework})")
+        get_strategy(tf_record.strategy)
+        cmp = compare_records(tf_record, torch_record)
+        expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
+        row = {"strategy": tf_record.strategy}
+        for record in (tf_record, torch_record):
+            last = record.steps[-1]
+            row[f"{record.framework}_train"] = last.train_loss
+            row[f"{record.framework}_eval"] = last.eval_loss
+            row[f"{record.framework}_gap"] = record.max_train_eval_gap
+        row["max_diff"] = cmp.max_diff
+        row["tolerance"] = cmp.tolerance.name
+        row["verdict"] = verdict(cmp, expectations)
+        rows.append(row)
+        failures += cmp.failures + expectations["tf"] + expectations["torch"]
+        comparison = cmp.to_dict()
+        for key in ("train_diffs", "eval_diffs"):
+            comparison.pop(key)  # the per-step losses are in the runs themselves
+        runs[tf_record.strategy] = {"tf": _run_data(tf_record), "torch": _run_data(torch_record),
+                                    "comparison": comparison}
+    return Report(settings=dict(settings), rows=rows, failures=failures, runs=runs)
+
+
+# --------------------------------------------------------------------------- #
+# renderings
+# --------------------------------------------------------------------------- #
+def render_table(report: Report):
+    """A rich Table (print it with a Console wide enough: see :func:`table_width`)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=_title(report), box=box.SQUARE, title_justify="left")
+    for column in COLUMNS:
+        table.add_column(column.title, justify="left" if column.fmt is None else "right",
+                         no_wrap=True)
+    for row, cells in zip(report.rows, report.cells()):
+        style = None if row["verdict"].startswith("ok") else "bold red"
+        table.add_row(*cells, style=style)
+    return table
+
+
+def table_width(table, console) -> int:
+    """Columns the table needs so that no cell wraps."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+
+
+def _title(report: Report) -> str:
+    s = report.settings
+    return (f"freeze-parity compare: {s.get('arch')}, {s.get('optimizer')} (lr {s.get('learning_rate')}),"
+            f" {s.get('steps')} steps of {s.get('batch_size')}")
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(report: Report, figure: str | None = "figure.png") -> str:
+    lines = [f"# {_title(report)}", ""]
+    if report.ok:
+        lines.append("**Result: every declared expectation and cross-framework parity holds.**")
+    else:
+        lines.append(f"**Result: {len(report.failures)} failure(s).**")
+    lines += ["", "| " + " | ".join(_md_escape(c.title) for c in COLUMNS) + " |",
+              "|" + "|".join("---" if c.fmt is None else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_md_escape(cell) for cell in cells) + " |" for cells in report.cells()]
+    lines += ["", "Columns:", ""]
+    lines += [f"- **{_md_escape(c.title)}**: {c.description}" for c in COLUMNS]
+    if report.failures:
+        lines += ["", "## Failures", ""] + [f"- {_md_escape(f)}" for f in report.failures]
+    lines += ["", "## Strategies", ""]
+    for name in report.strategies:
+        runs = report.runs[name]
+        held = {fw: runs[fw]["heldout"][-1] for fw in FRAMEWORK_ORDER}
+        lines.append(f"- **{name}**: {get_strategy(name).summary}. Held-out target loss after "
+                     f"training: tf {held['tf']['loss']:.4f} (accuracy {held['tf']['accuracy']:.3f}), "
+                     f"torch {held['torch']['loss']:.4f} (accuracy {held['torch']['accuracy']:.3f}).")
+    if figure:
+        lines += ["", "## Losses per step", "",
+                  ("Training-mode (solid) and inference-mode (dashed) loss of each step's batch at "
+                   "the pre-update weights, both frameworks overlaid; markers: held-out target loss."),
+                  "", f"![loss curves per strategy]({figure})"]
+    s = report.settings
+    lines += ["", "## Settings", ""] + [f"- {k}: `{v}`" for k, v in s.items()]
+    return "\n".join(lines) + "\n"
+
+
+def figure_size(panels: int, dpi: int = 100) -> tuple[int, int, int, int]:
+    """``(rows, cols, width_px, height_px)`` of the figure for ``panels`` panels."""
+    if panels < 1:
+        raise ValueError(f"figure: need at least one panel, got {panels}")
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    return rows, cols, 5 * cols * dpi, (4 * rows + 1) * dpi
+
+
+_COLOURS = {"tf": "tab:orange", "torch": "tab:blue"}
+_WIDTHS = {"tf": 3.0, "torch": 1.2}  # tf drawn wide underneath, torch thin on top: overlaps show
+
+
+def render_figure(report: Report, dpi: int = 100) -> bytes:
+    """PNG bytes: one panel per strategy; metadata "panels", "grid", "size", "strategies"."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    n = len(report.rows)
+    rows, cols, width, height = figure_size(n, dpi)
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, row in zip(axes.flat, report.rows):
+        runs = report.runs[row["strategy"]]
+        for fw in FRAMEWORK_ORDER:
+            run = runs[fw]
+            steps = range(len(run["train_loss"]))  # step i: measured after i updates
+            style = {"color": _COLOURS[fw], "linewidth": _WIDTHS[fw]}
+            ax.plot(steps, run["train_loss"], linestyle="-", **style)
+            ax.plot(steps, run["eval_loss"], linestyle="--", **style)
+            ax.plot([h["step"] for h in run["heldout"]], [h["loss"] for h in run["heldout"]],
+                    linestyle="none", marker="o" if fw == "tf" else "x", color=_COLOURS[fw],
+                    markersize=7 if fw == "tf" else 6)
+        ax.set_title(f"{row['strategy']}: {row['verdict']}", fontsize=10,
+                     color="black" if row["verdict"].startswith("ok") else "red")
+        ax.set_xlabel("updates applied")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=_COLOURS[fw], linewidth=_WIDTHS[fw], linestyle=ls, marker=m,
+                      label=f"{fw} {what}")
+               for fw in FRAMEWORK_ORDER
+               for ls, m, what in (("-", None, "train mode"), ("--", None, "eval mode"),
+                                   ("none", "o" if fw == "tf" else "x", "held-out"))]
+    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
+    fig.suptitle(_title(report), fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={
+        "Title": _title(report),
+        "panels": str(n),
+        "grid": f"{rows}x{cols}",
+        "size": f"{width}x{height}",
+        "strategies": ",".join(report.strategies),
+    })
+    return buffer.getvalue()
+
+
+def write_reports(report: Report, out: str | Path) -> dict[str, Path]:
+    """Write report.md, report.json and figure.png into ``out``, all or none.
+
+    Everything is rendered first; each file goes to a temporary file beside its
+    destination, and only when all three are complete are they renamed into place
+    (a failure leaves the previous reports, if any, untouched and no temp files).
+    """
+    out = Path(out)
+    contents = {"report.md": render_markdown(report).encode(),
+                "report.json": render_json(report).encode(),
+                "figure.png": render_figure(report)}
+    paths = {name: out / name for name in REPORT_FILES}
+    mode = _file_mode()
+    with ExitStack() as stack:
+        for name in REPORT_FILES:
+            tmp = stack.enter_context(atomic_path(paths[name]))
+            tmp.write_bytes(contents[name])
+            tmp.chmod(mode)  # temp files are created 0600; reports are ordinary files
+    return paths
+
+
+def _file_mode() -> int:
+    """What ``open(path, "w")`` would give: 0o666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

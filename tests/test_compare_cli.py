@@ -1,0 +1,235 @@
+"""``freeze-parity compare`` end to end, through a subprocess as a user runs it.
+
+The cache (``FREEZE_PARITY_CACHE``) is a directory of the session's temp dir,
+pretrained once (tests/test_explain.py uses the same one). Runs are short
+(``STEPS`` steps, two strategies) to keep the file fast.
+
+Exit status 1 needs a run whose declared expectations fail. The project's own
+catalogue is right, so the test declares a wrong one, honestly and visibly:
+the subprocess replaces ``frozen``'s expectation with "BatchNorm statistics
+change" before calling the CLI; the real run then shows they did not, and
+compare must say so and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import report as rep
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.pretrain import ensure_checkpoint
+from shared.strategies import STRATEGIES
+
+STEPS = 5
+PAIR = ("frozen", "naive")
+
+# Declares a wrong expectation for `frozen` (statistics change), then runs the CLI.
+WRONG_EXPECTATION = (
+    "import dataclasses, sys\n"
+    "from shared import strategies\n"
+    "s = strategies.STRATEGIES['frozen']\n"
+    "wrong = {fw: dataclasses.replace(e, bn_stats_changed=True) for fw, e in s.expect.items()}\n"
+    "strategies.STRATEGIES['frozen'] = dataclasses.replace(s, expect=wrong)\n"
+    "from shared.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "fp-cache"
+    ensure_checkpoint("tinyconv", cache=path)  # once per session (tests/test_explain.py too)
+    return path
+
+
+def _compare(cache: Path, *argv: str, script: str | None = None) -> subprocess.CompletedProcess:
+    entry = ["-c", script] if script else ["-m", "shared.cli"]
+    return subprocess.run([sys.executable, *entry, "compare", *argv], capture_output=True,
+                          text=True, env={**os.environ, "FREEZE_PARITY_CACHE": str(cache)},
+                          timeout=600, check=False)
+
+
+def _parse_table(text: str) -> list[list[str]]:
+    """Cells of each body row of the printed table (rows start with a strategy name)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells and cells[0] in STRATEGIES:
+            rows.append(cells)
+    return rows
+
+
+def _formatted(report: dict) -> list[list[str]]:
+    columns = report["table"]["columns"]
+    return [[str(row[c["key"]]) if c["format"] is None else format(row[c["key"]], c["format"])
+             for c in columns] for row in report["table"]["rows"]]
+
+
+def _no_temp_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") or
+                  p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- #
+# exit 0: a real run, table, report.json, report.md and figure agree
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def ok_run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare-ok") / "reports"
+    proc = _compare(cache, "--strategies", ",".join(PAIR), "--steps", str(STEPS), "--out", str(out))
+    return proc, out
+
+
+@pytest.mark.slow
+def test_compare_exit_0_when_expectations_and_parity_hold(ok_run):
+    proc, _ = ok_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every declared expectation and cross-framework parity holds" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_writes_three_reports_atomically(ok_run):
+    _, out = ok_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(rep.REPORT_FILES)
+    assert _no_temp_files(out) == []
+
+
+@pytest.mark.slow
+def test_compare_report_json_equals_printed_table(ok_run):
+    proc, out = ok_run
+    report = json.loads((out / "report.json").read_text())
+    printed = _parse_table(proc.stdout)
+    assert [row[0] for row in printed] == list(PAIR)
+    assert printed == _formatted(report)
+    naive = next(r for r in report["table"]["rows"] if r["strategy"] == "naive")
+    assert naive["verdict"] == "ok: differs as expected"
+
+
+@pytest.mark.slow
+def test_compare_report_json_holds_per_step_losses(ok_run):
+    _, out = ok_run
+    report = json.loads((out / "report.json").read_text())
+    for name in PAIR:
+        for fw in ("tf", "torch"):
+            run = report["runs"][name][fw]
+            assert len(run["train_loss"]) == len(run["eval_loss"]) == STEPS
+            assert np.isfinite(run["train_loss"]).all()
+    rows = {r["strategy"]: r for r in report["table"]["rows"]}
+    assert rows["frozen"]["tf_train"] == report["runs"]["frozen"]["tf"]["train_loss"][-1]
+
+
+@pytest.mark.slow
+def test_compare_report_md_holds_the_table(ok_run):
+    _, out = ok_run
+    text = (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    for cells in _formatted(report):
+        assert "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" in text
+
+
+@pytest.mark.slow
+def test_compare_figure_is_png_with_one_panel_per_strategy(ok_run):
+    _, out = ok_run
+    image = Image.open(out / "figure.png")
+    _, _, width, height = rep.figure_size(len(PAIR))
+    assert image.format == "PNG"
+    assert image.size == (width, height)
+    assert image.info["panels"] == str(len(PAIR))
+    assert image.info["size"] == f"{width}x{height}"
+    assert image.info["strategies"] == ",".join(PAIR)
+
+
+# --------------------------------------------------------------------------- #
+# exit 1: a declared expectation fails
+# --------------------------------------------------------------------------- #
+@pytest.mark.slow
+def test_compare_exit_1_names_the_failed_expectation(cache, tmp_path):
+    out = tmp_path / "reports"
+    proc = _compare(cache, "--strategies", "frozen", "--steps", str(STEPS), "--out", str(out),
+                    "--json", "--quiet", script=WRONG_EXPECTATION)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads((out / "report.json").read_text())
+    assert printed["ok"] is False
+    assert printed["table"]["rows"][0]["verdict"] == "FAIL: tf expectations, torch expectations"
+    assert printed["failures"] == [f"frozen[{fw}]: expected bn_stats_changed=True, got False"
+                                   for fw in ("tf", "torch")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(rep.REPORT_FILES)  # evidence written
+
+
+# --------------------------------------------------------------------------- #
+# exit 2: bad usage or input, one line, nothing run, nothing written
+# --------------------------------------------------------------------------- #
+def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
+    path = directory / f"{kind}.safetensors"
+    if kind == "corrupt":
+        path.write_bytes(b"\x00\x01 this is not a safetensors file")
+        return path
+    good = ensure_checkpoint("tinyconv", cache=cache)
+    tensors, meta = load_checkpoint(good)
+    if kind == "other-arch":
+        meta = {**meta, "arch": "resnet18"}
+    elif kind == "wrong-shape":
+        key = "base.block1.conv.weight"
+        tensors = {**tensors, key: np.zeros((8, *tensors[key].shape[1:]), np.float32)}
+    save_checkpoint(path, tensors, {k: v for k, v in meta.items() if k != "format_version"})
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategies", "frozen,bogus"], "unknown strategy 'bogus'"),
+    (["--strategies", ","], "no strategy given"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--lr", "-1"], "learning_rate must be a positive number"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--checkpoint", "{tmp}/missing.safetensors"], "file not found"),
+    (["--checkpoint", "{corrupt}"], "not a safetensors file"),
+    (["--checkpoint", "{other-arch}"], "made for arch 'resnet18', not 'tinyconv'"),
+    (["--checkpoint", "{wrong-shape}"], "key 'base.block1.conv.weight': shape expected (16, 3, 3, 3)"),
+    (["--out", "{file}/reports"], "--out directory"),
+], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "missing-ckpt",
+        "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable"])
+def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv, message):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    names = {"tmp": str(tmp_path), "file": str(a_file)}
+    for kind in ("corrupt", "other-arch", "wrong-shape"):
+        if "{" + kind + "}" in argv[-1]:
+            names[kind] = str(_bad_checkpoint(kind, tmp_path, cache))
+    argv = [arg.format(**names) for arg in argv]
+    out = tmp_path / "reports"
+    defaults = {"--steps": str(STEPS), "--out": str(out)}
+    argv += [arg for flag, value in defaults.items() if flag not in argv for arg in (flag, value)]
+    proc = _compare(cache, *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out.exists() or list(out.iterdir()) == []  # no partial report
+
+
+def test_compare_says_when_it_pretrains(tmp_path, monkeypatch, capsys):
+    from shared.commands import compare
+
+    made = []
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(tmp_path))
+    monkeypatch.setattr(compare, "ensure_checkpoint", lambda arch: made.append(arch) or "ckpt")
+    assert compare.pretrained_checkpoint("tinyconv") == "ckpt"
+    assert made == ["tinyconv"]
+    assert "pretraining it on the source domain first" in capsys.readouterr().err
+
+
+def test_compare_quiet_about_pretraining_when_cached(cache, monkeypatch, capsys):
+    from shared.commands import compare
+
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(cache))
+    assert Path(compare.pretrained_checkpoint("tinyconv")).is_file()
+    assert capsys.readouterr().err == ""

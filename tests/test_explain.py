@@ -1,0 +1,214 @@
+"""fit vs evaluate, decomposed: shared.explain arithmetic and {tf,torch}_impl.explain measurements.
+
+The measured tests fit one short epoch (the first ``EXAMPLES`` target training
+images, in batches of 32 and a last batch of 4, so batch-size weighting shows)
+from a checkpoint pretrained once per session into the session's temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import shared.explain as ex
+from shared import frameworks
+from shared.pretrain import ensure_checkpoint
+from shared.record import RunConfig
+from shared.tolerances import SAME_FRAMEWORK_ATOL, STEP_LOSS_ATOL, STEP_LOSS_RTOL, TRAP_MIN_GAP
+
+EXAMPLES = 100  # 3 batches of 32 and one of 4
+
+
+# --------------------------------------------------------------------------- #
+# the arithmetic (no framework)
+# --------------------------------------------------------------------------- #
+def _measured(**overrides) -> ex.FitEvaluate:
+    values = {"framework": "tf", "strategy": "naive", "batch_sizes": [32, 32, 4],
+              "train_losses": [2.0, 1.5, 1.0], "eval_losses_before": [3.0, 2.5, 2.0],
+              "eval_losses_after": [1.2, 1.1, 0.9], "fit_reported": 0.0, "evaluated": 1.0}
+    values.update(overrides)
+    return ex.FitEvaluate(**values)
+
+
+def test_weighted_mean_weights_by_batch_size():
+    assert ex.weighted_mean([2.0, 1.0], [3, 1]) == (2.0 * 3 + 1.0) / 4
+
+
+def test_decompose_parts_are_the_telescoping_differences():
+    m = _measured()
+    n = m.batch_sizes
+    train = ex.weighted_mean(m.train_losses, n)
+    m = _measured(fit_reported=train)
+    d = ex.decompose(m)
+    assert d.bn_mode == train - ex.weighted_mean(m.eval_losses_before, n)
+    assert d.weight_updates == (ex.weighted_mean(m.eval_losses_before, n)
+                                - ex.weighted_mean(m.eval_losses_after, n))
+    assert d.averaging == ex.weighted_mean(m.eval_losses_after, n) - m.evaluated
+    assert abs(d.parts_sum - d.total) <= SAME_FRAMEWORK_ATOL
+    assert (d.batches, d.examples) == (3, 68)
+
+
+def test_decompose_rounding_is_fit_reported_minus_its_float64_mean():
+    d = ex.decompose(_measured(fit_reported=5.0))
+    assert abs(d.rounding - (5.0 - d.fit_mean)) <= SAME_FRAMEWORK_ATOL
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_losses": [1.0]}, "one length"),
+    ({"batch_sizes": [32, 0, 4]}, "batch sizes must be >= 1"),
+    ({"framework": "jax"}, "unknown framework"),
+    ({"strategy": "magic"}, "unknown strategy"),
+])
+def test_fit_evaluate_rejects_bad_measurements(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _measured(**overrides)
+
+
+def test_decompose_rejects_non_finite_losses():
+    with pytest.raises(ValueError, match="non-finite"):
+        ex.decompose(_measured(evaluated=float("nan")))
+
+
+def test_epoch_indices_is_the_runs_first_epoch_order():
+    from shared import data
+
+    batches = data.take_batch_indices(100, 32, 3, seed=0)
+    order = ex.epoch_indices(100, seed=0)
+    assert np.array_equal(order[:96], np.concatenate(batches))
+    assert sorted(order.tolist()) == list(range(100))
+    assert np.array_equal(ex.epoch_indices(100, 0, examples=10), order[:10])
+    with pytest.raises(ValueError, match="examples must be in"):
+        ex.epoch_indices(100, 0, examples=101)
+
+
+def test_batch_slices_last_batch_smaller():
+    assert [(s.start, s.stop) for s in ex.batch_slices(70, 32)] == [(0, 32), (32, 64), (64, 70)]
+
+
+# --------------------------------------------------------------------------- #
+# measured in both frameworks
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> str:
+    # the same directory as tests/test_compare_cli.py's cache: pretrained once per session
+    return str(ensure_checkpoint("tinyconv", cache=tmp_path_factory.getbasetemp() / "fp-cache"))
+
+
+@pytest.fixture(scope="module")
+def measure(checkpoint):
+    """``measure(framework, strategy)``: its FitEvaluate, measured once per module."""
+    cache: dict[tuple[str, str], ex.FitEvaluate] = {}
+
+    def get(framework: str, strategy: str) -> ex.FitEvaluate:
+        if (framework, strategy) not in cache:
+            config = RunConfig(strategy=strategy, checkpoint=checkpoint)
+            impl = frameworks.load(framework, "explain")
+            cache[framework, strategy] = impl.measure_fit_evaluate(config, EXAMPLES)
+        return cache[framework, strategy]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+@pytest.mark.parametrize("strategy", ["frozen", "naive"])
+def test_explain_parts_sum_to_fit_minus_evaluate(measure, framework, strategy):
+    d = ex.decompose(measure(framework, strategy))
+    assert d.batches == 4 and d.examples == EXAMPLES
+    assert abs(d.parts_sum - d.total) <= SAME_FRAMEWORK_ATOL, (
+        f"{framework} {strategy}: parts {d.bn_mode:+.7f} {d.weight_updates:+.7f} "
+        f"{d.averaging:+.7f} sum to {d.parts_sum:+.7f}, gap fit - evaluate is {d.total:+.7f}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_frozen_bn_mode_part_is_exactly_zero(measure, framework):
+    m = measure(framework, "frozen")
+    assert m.train_losses == m.eval_losses_before  # batch by batch, bit for bit
+    assert ex.decompose(m).bn_mode == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_naive_bn_mode_part_is_large(measure, framework):
+    d = ex.decompose(measure(framework, "naive"))
+    assert abs(d.bn_mode) > TRAP_MIN_GAP, (
+        f"{framework} naive: BN-mode part {d.bn_mode:+.6f}, expected |part| > TRAP_MIN_GAP "
+        f"{TRAP_MIN_GAP:g} (BatchNorm normalising with batch statistics in training)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_explain_averaging_part_is_rounding_only(measure, framework):
+    # fit weights batches by size and inference-mode losses are per example
+    d = ex.decompose(measure(framework, "naive"))
+    assert abs(d.averaging) <= SAME_FRAMEWORK_ATOL
+
+
+@pytest.mark.slow
+def test_keras_fit_reports_batch_size_weighted_mean_of_pre_update_train_losses(measure):
+    m = measure("tf", "frozen")
+    assert m.batch_sizes == [32, 32, 32, 4]
+    weighted = ex.weighted_mean(m.train_losses, m.batch_sizes)
+    unweighted = float(np.mean(m.train_losses))
+    assert abs(m.fit_reported - weighted) <= SAME_FRAMEWORK_ATOL, (
+        f"model.fit reported {m.fit_reported:.7f}, batch-size-weighted mean of the per-batch "
+        f"training-mode losses is {weighted:.7f}")
+    # the weighting is visible: the plain mean of batch losses is not what fit reports
+    assert abs(m.fit_reported - unweighted) > TRAP_MIN_GAP
+    # pre-update: the first batch's loss is the loss at the initial weights, not after a step
+    assert m.train_losses[0] == m.eval_losses_before[0]
+    assert abs(m.fit_reported - m.evaluated) > TRAP_MIN_GAP  # the seed situation: they differ
+
+
+@pytest.mark.slow
+def test_cross_explain_frozen_agrees(measure):
+    tf_d = ex.decompose(measure("tf", "frozen"))
+    torch_d = ex.decompose(measure("torch", "frozen"))
+    for attr in ("fit_reported", "evaluated", "weight_updates"):
+        a, b = getattr(tf_d, attr), getattr(torch_d, attr)
+        assert abs(a - b) <= STEP_LOSS_ATOL + STEP_LOSS_RTOL * abs(b), f"{attr}: tf {a} torch {b}"
+
+
+@pytest.mark.slow
+def test_decompose_function_matches_measurement(measure, checkpoint):
+    config = RunConfig(strategy="frozen", checkpoint=checkpoint)
+    d = frameworks.load("torch", "explain").decompose(config, EXAMPLES)
+    assert d == ex.decompose(measure("torch", "frozen"))
+
+
+def _cache_env(tmp_path_factory) -> dict[str, str]:
+    return {**os.environ, "FREEZE_PARITY_CACHE": str(tmp_path_factory.getbasetemp() / "fp-cache")}
+
+
+@pytest.mark.slow
+def test_explain_cli_json_torch(checkpoint, tmp_path_factory):
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "explain", "--framework", "torch", "--json",
+         "--examples", str(EXAMPLES)],
+        capture_output=True, text=True, env=_cache_env(tmp_path_factory), timeout=300,
+        check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [(d["framework"], d["strategy"]) for d in result["decompositions"]] == [
+        ("torch", "frozen"), ("torch", "naive")]
+    frozen, naive = result["decompositions"]
+    assert frozen["bn_mode"] == 0.0 and abs(naive["bn_mode"]) > TRAP_MIN_GAP
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--examples", "0"], "--examples must be in [1, "),
+    (["--strategies", "frozen,nope"], "unknown strategy 'nope'"),
+    (["--framework", "jax"], "invalid choice: 'jax'"),
+])
+def test_explain_cli_bad_input_exit_2_one_line(tmp_path_factory, argv, message):
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "explain", *argv],
+                          capture_output=True, text=True, env=_cache_env(tmp_path_factory),
+                          timeout=120, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
