@@ -8,6 +8,8 @@ which trains through ``model.fit``.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -25,6 +27,19 @@ from torch_impl.weights import canonical_shapes, export_bookkeeping, export_weig
 __all__ = ["make_optimizer", "evaluate", "pretrain", "run"]
 
 _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # These nets and batches are too small for intra-op parallelism: on 2 busy cores,
+    # two torch threads contending with TensorFlow's made runs ~8x slower. One thread
+    # also makes timings and results independent of the machine's core count.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _tensor(x: np.ndarray, dtype: str = "float32") -> torch.Tensor:
@@ -62,6 +77,7 @@ def evaluate(model: nn.Module, split: data.Split, batch_size: int = 256) -> tupl
     return total / len(split), correct / len(split)
 
 
+@_one_thread()
 def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     """Train ``config.arch`` + a source head on the source domain; canonical tensors, metrics."""
     torch.manual_seed(config.seed)  # nothing random should depend on it; belt and braces
@@ -85,6 +101,7 @@ def _state(model: nn.Module) -> dict[str, np.ndarray]:
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
+@_one_thread()
 def run(config: RunConfig) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
     prepared = prepare(config)
