@@ -1,0 +1,102 @@
+"""``freeze-parity bench``: time the training paths and strategies, side by side (make bench).
+
+Prints the tables of :func:`shared.bench.render` and, with ``--json``, writes
+every figure (medians and raw repeats), the configuration and the machine.
+Exit status 0 when it ran (goals met or not: they are reported, not
+enforced), 1 when a benchmark worker failed, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from shared.archs import ARCHS
+from shared.bench import (
+    DEFAULT_REPEATS,
+    DEFAULT_STEPS,
+    FRAMEWORK_ORDER,
+    BenchConfig,
+    BenchError,
+    measure,
+    render,
+)
+from shared.errors import UsageError
+from shared.io import atomic_write_json, ensure_writable_dir
+
+__all__ = ["QUICK", "add_parser", "run"]
+
+# --quick: a smoke test of the whole machinery in seconds; its figures mean nothing.
+QUICK = {"repeats": 1, "steps": 2, "warmup": 0, "threads": 1}
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed repeats per figure, medians reported (default {DEFAULT_REPEATS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="N: train.run and the bare loops are timed at N and 2N steps (default: "
+                             + ", ".join(f"{a} {s}" for a, s in DEFAULT_STEPS.items()) + ")")
+    parser.add_argument("--pretrain-epochs", type=int, default=1,
+                        help="epochs of the timed pretraining (default 1; the cache uses 6)")
+    parser.add_argument("--framework", choices=FRAMEWORK_ORDER, action="append", default=None,
+                        help="measure only this framework (repeatable; default: both)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="canonical pretrained checkpoint (default: the cached one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra- and inter-op threads in both frameworks (default: each "
+                             "framework's own; --quick 1)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory processes")
+    parser.add_argument("--no-pretrain", action="store_true", help="skip timing pretraining")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 repeat, N=2, no warm-up, 1 thread, idle memory only, frameworks "
+                             "and memory processes concurrently; figures meaningless")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here (JSON)")
+
+
+def config_from_args(args) -> BenchConfig:
+    settings = dict(QUICK) if args.quick else {}
+    for name in ("repeats", "steps", "threads"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    config = BenchConfig(arch=args.arch, pretrain_epochs=args.pretrain_epochs,
+                         pretrain=not args.no_pretrain, memory=not args.no_memory,
+                         frameworks=tuple(args.framework or FRAMEWORK_ORDER),
+                         checkpoint=str(args.checkpoint) if args.checkpoint else None,
+                         quick=args.quick, **settings)
+    if args.quick:
+        config = replace(config, memory_only=("idle",))
+    return config
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    config = config_from_args(args)
+    if args.json:
+        ensure_writable_dir(args.json.parent if str(args.json.parent) else Path("."),
+                            "--json directory")  # before minutes of measuring
+    err = Console(stderr=True)
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        err.print(f"[dim]bench {time.monotonic() - start:6.1f} s: {message}[/]")
+
+    try:
+        result = measure(config, progress=progress)
+    except BenchError as exc:
+        print(" ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    if args.json:
+        atomic_write_json(args.json, result)
+    out = Console(width=None if sys.stdout.isatty() else 120)  # no 80-column wrap in a pipe
+    for renderable in render(result):
+        out.print(renderable)
+    if args.json:
+        out.print(f"JSON: {args.json}")
+    return 0

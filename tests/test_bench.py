@@ -1,0 +1,182 @@
+"""``freeze-parity bench`` runs end to end and writes well-formed JSON.
+
+Benchmarks are not tests: nothing here checks a timing, a ratio or a goal.
+The bench runs on smoke-test settings (``--quick``: one repeat, N=2 steps, no
+warm-up) from a one-epoch checkpoint made here, and the tests check that every
+figure it promises is present, that durations and memory are positive numbers,
+and that the figures are the arithmetic the module documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from shared import bench
+from shared.checkpoint import save_checkpoint
+from shared.commands import bench as bench_command
+from shared.pretrain import PretrainConfig, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_RESNET = all((ROOT / pkg / "resnet.py").is_file() for pkg in ("tf_impl", "torch_impl"))
+
+STRATEGY_FIGURES = {"run_per_step_s", "loop_per_step_s", "bare_full_per_step_s", "bare_per_step_s",
+                    "loop_vs_bare", "run_vs_bare", "record_per_step_s", "heldout_per_step_s",
+                    "remainder_per_step_s", "loop_epoch_s", "bare_epoch_s"}
+# measured directly (not a difference of two measurements): always > 0
+DIRECT_FIGURES = {"run_per_step_s", "bare_full_per_step_s", "record_per_step_s",
+                  "heldout_per_step_s", "run_vs_bare"}
+
+
+def _bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    bench_command.add_parser(parser)
+    return bench_command.run(parser.parse_args(argv))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick_checkpoint(tmp_path_factory) -> Path:
+    """A one-epoch tinyconv checkpoint: timings do not depend on how well it learned."""
+    path = tmp_path_factory.mktemp("bench") / "tinyconv-1epoch.safetensors"
+    pretrain(PretrainConfig(arch="tinyconv", framework="torch", epochs=1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_result(quick_checkpoint, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench-out") / "bench.json"
+    assert _bench(["--quick", "--checkpoint", str(quick_checkpoint), "--json", str(out)]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_bench_quick_json_has_machine_and_config(quick_result):
+    assert quick_result["version"] == bench.BENCH_VERSION
+    machine = quick_result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["platform"] and machine["python"]
+    assert machine["frameworks"]["torch"]["torch"] and machine["frameworks"]["tf"]["tensorflow"]
+    assert machine["frameworks"]["tf"]["keras"]
+    config = quick_result["config"]
+    assert (config["arch"], config["repeats"], config["quick"]) == ("tinyconv", 1, True)
+    assert config["steps_long"] == 2 * config["steps_short"]
+    assert config["steps_per_epoch"] >= 1
+
+
+def test_bench_quick_raw_timings_positive_for_every_task(quick_result):
+    tasks = quick_result["config"]["timed_tasks"]
+    assert "pretrain" in tasks and "heldout" in tasks
+    for fw in bench.FRAMEWORK_ORDER:
+        raw = quick_result["raw_seconds"][fw]
+        assert sorted(raw) == sorted(tasks), fw
+        for task, values in raw.items():
+            assert len(values) == quick_result["config"]["repeats"], (fw, task)
+            assert all(_is_number(v) and v > 0 for v in values), (fw, task, values)
+
+
+def test_bench_quick_figures_complete_and_finite(quick_result):
+    figures = quick_result["figures"]
+    for fw in bench.FRAMEWORK_ORDER:
+        for strategy in bench.TIMED_STRATEGIES:
+            assert set(figures[fw][strategy]) == STRATEGY_FIGURES, (fw, strategy)
+            for name, figure in figures[fw][strategy].items():
+                median = figure["median"]
+                assert median is None or _is_number(median), (fw, strategy, name)
+                if name in DIRECT_FIGURES:
+                    assert median > 0, (fw, strategy, name, median)
+        for name in ("feature_cache_s", "heldout_eval_s", "pretrain_s"):
+            assert figures[fw][name]["median"] > 0, (fw, name)
+        assert set(figures[fw]["feature_speedup"]) == {"project", "bare"}
+    for strategy in bench.TIMED_STRATEGIES:
+        assert set(figures["tf_vs_torch"][strategy]) == {"run", "loop", "bare"}
+        assert figures["tf_vs_torch"][strategy]["run"]["median"] > 0
+
+
+def test_bench_quick_memory_positive_from_fresh_processes(quick_result):
+    memory = quick_result["memory"]
+    assert memory["source"] in ("VmHWM", "ru_maxrss")
+    for fw in bench.FRAMEWORK_ORDER:
+        peaks = memory["peak_rss_kib"][fw]
+        assert peaks, fw
+        assert all(isinstance(v, int) and v > 0 for v in peaks.values()), (fw, peaks)
+
+
+def test_bench_quick_goals_reported_per_framework(quick_result):
+    goals = quick_result["goals"]
+    assert {(g["goal"], g["framework"]) for g in goals} == {
+        (goal, fw) for fw in bench.FRAMEWORK_ORDER
+        for goal in ("loop_vs_bare", "run_vs_bare", "feature_speedup")}
+    assert all(isinstance(g["met"], bool) for g in goals)
+
+
+def test_bench_summarise_marginal_and_paired_ratios_exact():
+    # N = 2: run 1.0 s at N, 2.0 s at 2N -> loop 0.5 s/step; bare 0.25 s/step -> 2x.
+    # Every value is exact in binary floating point, so the figures compare with ==.
+    n = 2
+    raw = {"heldout": [0.5], "cache": [0.25], "pretrain": [4.0]}
+    for strategy, scale in (("frozen", 1.0), ("feature_extraction", 0.25)):
+        raw |= {f"run/{strategy}/{n}": [1.0 * scale], f"run/{strategy}/{2 * n}": [2.0 * scale],
+                f"bare/{strategy}/{n}": [0.5 * scale], f"bare/{strategy}/{2 * n}": [1.0 * scale],
+                f"record/{strategy}/{n}": [0.125 * scale]}
+    config = {"steps_short": n, "steps_per_epoch": 4, "eval_every": 8}
+    figures = bench.summarise({"torch": raw}, config)["torch"]
+    frozen = figures["frozen"]
+    assert frozen["loop_per_step_s"]["median"] == 0.5
+    assert frozen["bare_per_step_s"]["median"] == 0.25
+    assert frozen["loop_vs_bare"]["median"] == 2.0
+    assert frozen["run_vs_bare"]["median"] == 2.0
+    assert frozen["heldout_per_step_s"]["median"] == 0.0625
+    assert frozen["remainder_per_step_s"]["median"] == 0.5 - 0.25 - 0.0625 - 0.0625
+    assert frozen["loop_epoch_s"]["median"] == 2.0
+    assert figures["feature_speedup"]["project"]["median"] == 4.0
+
+
+def test_bench_summarise_nonpositive_marginal_gives_no_ratio():
+    n = 1
+    raw = {"heldout": [0.5], "cache": [0.25]}
+    for strategy in bench.TIMED_STRATEGIES:
+        # noise made the longer run faster: the marginal is negative, its ratio undefined
+        raw |= {f"run/{strategy}/{n}": [2.0], f"run/{strategy}/{2 * n}": [1.0],
+                f"bare/{strategy}/{n}": [0.5], f"bare/{strategy}/{2 * n}": [1.0],
+                f"record/{strategy}/{n}": [0.125]}
+    figures = bench.summarise({"torch": raw}, {"steps_short": n, "steps_per_epoch": 1,
+                                               "eval_every": 1})["torch"]
+    assert figures["frozen"]["loop_per_step_s"]["median"] == -1.0
+    assert figures["frozen"]["loop_vs_bare"] == {"median": None, "repeats": [None]}
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--steps", "0"], ["--threads", "0"]])
+def test_bench_rejects_nonpositive_settings(argv):
+    parser = argparse.ArgumentParser()
+    bench_command.add_parser(parser)
+    with pytest.raises(ValueError, match=argv[0].lstrip("-")):
+        bench_command.config_from_args(parser.parse_args(argv))
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="tf_impl/resnet.py or torch_impl/resnet.py not written yet")
+@pytest.mark.parametrize("framework", bench.FRAMEWORK_ORDER)
+def test_bench_resnet18_bare_loop_and_probes_run(framework, tmp_path):
+    """``--arch resnet18``: the bench's framework code builds, freezes and trains ResNet-18.
+
+    One step each (the whole CLI on ResNet-18 takes minutes; the orchestration
+    around these calls does not depend on the architecture).
+    """
+    from shared.finetune import prepare
+    from shared.frameworks import load
+    from shared.record import RunConfig
+    from torch_impl.model import build_model
+    from torch_impl.weights import export_weights
+
+    # Canonical tensors of a fresh model: timings do not depend on pretraining.
+    checkpoint = tmp_path / "resnet18-init.safetensors"
+    save_checkpoint(checkpoint, export_weights(build_model("resnet18", 5)), {"arch": "resnet18"})
+    prepared = prepare(RunConfig(arch="resnet18", steps=1, checkpoint=str(checkpoint)))
+    impl = load(framework, "bench")
+    assert math.isfinite(impl.bare_train(prepared, "frozen")(1))
+    impl.record_probe(prepared, "feature_extraction")(1)
