@@ -13,7 +13,6 @@ docs/PORTING.md), while a subclassed model passes ``training`` on as written.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import keras
 from keras import ops

@@ -7,6 +7,7 @@ Attribute names are the canonical checkpoint names (``base.block1.conv.weight``)
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from torch import nn
 
