@@ -18,10 +18,10 @@ their median taken, so each ratio compares measurements made moments apart)::
     run per step     T_run(N) / N            the whole path as users run it: load the
                                              checkpoint and data, build, freeze, trace (tf),
                                              train N steps with recording, held-out evals
-    loop per step    (T_run(2N) - T_run(N)) / N
+    loop per step    (T_run(L) - T_run(N)) / (L - N), L = long_factor * N
                                              the training loop alone, recording included:
                                              every fixed cost cancels in the difference
-    bare per step    (T_bare(2N) - T_bare(N)) / N, and T_bare(N) / N for the whole bare script
+    bare per step    (T_bare(L) - T_bare(N)) / (L - N), and T_bare(N) / N for the whole script
     recording        the probe's per-step inference loss; held-out: one evaluation / eval_every
     remainder        loop - bare - recording - held-out share (what no probe explains)
     per epoch        per-step loop cost * (train items // batch size), i.e. after caching
@@ -77,6 +77,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "FEATURE_SPEEDUP_GOAL",
     "FRAMEWORK_ORDER",
+    "LONG_FACTOR",
     "LOOP_OVERHEAD_GOAL",
     "TIMED_STRATEGIES",
     "BenchConfig",
@@ -95,8 +96,11 @@ BENCH_VERSION = 1
 TIMED_STRATEGIES = ("frozen", "feature_extraction")
 # torch first: its set-up may have to pretrain the cached checkpoint the tf worker then reads
 FRAMEWORK_ORDER = ("torch", "tf")
-# N per arch: runs are timed at N and 2N steps. tinyconv: RunConfig's default run length.
+# N per arch: runs are timed at N and L = LONG_FACTOR * N steps. tinyconv: RunConfig's default.
 DEFAULT_STEPS = {"tinyconv": 30, "resnet18": 10}
+# Large enough that the L - N extra steps outweigh the noise of a run's fixed costs (a Keras
+# run's build and tracing, about a second, varies by a tenth of a second here).
+LONG_FACTOR = 6
 DEFAULT_REPEATS = 5
 # The project's training path may cost at most 10% more per step than the bare loop.
 LOOP_OVERHEAD_GOAL = 1.10
@@ -114,8 +118,10 @@ class BenchError(RuntimeError):
 class BenchConfig:
     arch: str = "tinyconv"
     repeats: int = DEFAULT_REPEATS
-    # N: train.run and the bare loops are timed at N and 2N steps; None = DEFAULT_STEPS[arch]
+    # N: train.run and the bare loops are timed at N and long_factor * N steps;
+    # None = DEFAULT_STEPS[arch]
     steps: int | None = None
+    long_factor: int = LONG_FACTOR
     # untimed runs of every task before the timed repeats
     warmup: int = 1
     # epochs of the timed pretraining (the cached checkpoint uses PretrainConfig's 6)
@@ -137,7 +143,8 @@ class BenchConfig:
             raise ValueError(f"bench: unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
         if self.steps is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.arch])
-        for name, minimum in (("repeats", 1), ("steps", 1), ("warmup", 0), ("pretrain_epochs", 1)):
+        for name, minimum in (("repeats", 1), ("steps", 1), ("long_factor", 2), ("warmup", 0),
+                              ("pretrain_epochs", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"bench: {name} must be an integer >= {minimum}, got {value!r}")
@@ -157,6 +164,10 @@ class BenchConfig:
                 raise ValueError(f"bench: unknown memory configuration(s) {', '.join(unknown)}; "
                                  f"expected some of: {', '.join(known)}")
 
+    @property
+    def long_steps(self) -> int:
+        return self.steps * self.long_factor
+
 
 def timed_tasks(config: BenchConfig) -> list[str]:
     """Every timed task, as ``kind/strategy/steps`` or a probe name."""
@@ -164,7 +175,7 @@ def timed_tasks(config: BenchConfig) -> list[str]:
     tasks = []
     for strategy in TIMED_STRATEGIES:
         for kind in ("run", "bare"):
-            tasks += [f"{kind}/{strategy}/{n}", f"{kind}/{strategy}/{2 * n}"]
+            tasks += [f"{kind}/{strategy}/{n}", f"{kind}/{strategy}/{config.long_steps}"]
         tasks.append(f"record/{strategy}/{n}")
     tasks += ["heldout", "cache"]
     if config.pretrain:
@@ -213,7 +224,7 @@ class _Session:
             from shared.finetune import prepare
             from shared.record import RunConfig
 
-            config = RunConfig(arch=self.spec["arch"], steps=2 * self.spec["steps"],
+            config = RunConfig(arch=self.spec["arch"], steps=self.spec["long_steps"],
                                checkpoint=self.spec["checkpoint"])
             self._prepared = prepare(config)
         return self._prepared
@@ -376,7 +387,8 @@ class _Worker:
 # --------------------------------------------------------------------------- #
 def _spec(config: BenchConfig) -> dict:
     return {"arch": config.arch, "steps": config.steps, "checkpoint": config.checkpoint,
-            "pretrain_epochs": config.pretrain_epochs, "threads": config.threads}
+            "pretrain_epochs": config.pretrain_epochs, "threads": config.threads,
+            "long_steps": config.long_steps}
 
 
 def _machine() -> dict:
@@ -501,7 +513,7 @@ def measure(config: BenchConfig, progress: Callable[[str], None] | None = None) 
         "started_unix": round(started, 3),
         "seconds": round(time.time() - started, 3),
         "machine": machine,
-        "config": {**asdict(config), "steps_short": config.steps, "steps_long": 2 * config.steps,
+        "config": {**asdict(config), "steps_short": config.steps, "steps_long": config.long_steps,
                    "batch_size": first["batch_size"], "eval_every": first["eval_every"],
                    "optimizer": first["optimizer"], "learning_rate": first["learning_rate"],
                    "train_items": first["train_items"],
@@ -534,17 +546,17 @@ def _ratio(a: list[float], b: list[float]) -> list[float | None]:
 
 
 def _framework_figures(raw: dict, config: dict) -> dict:
-    n, per_epoch = config["steps_short"], config["steps_per_epoch"]
+    n, long, per_epoch = config["steps_short"], config["steps_long"], config["steps_per_epoch"]
     heldout_share = [t / config["eval_every"] for t in raw["heldout"]]
     out: dict = {}
     loops, bares = {}, {}
     for strategy in TIMED_STRATEGIES:
-        run_n, run_2n = raw[f"run/{strategy}/{n}"], raw[f"run/{strategy}/{2 * n}"]
-        bare_n, bare_2n = raw[f"bare/{strategy}/{n}"], raw[f"bare/{strategy}/{2 * n}"]
+        run_n, run_l = raw[f"run/{strategy}/{n}"], raw[f"run/{strategy}/{long}"]
+        bare_n, bare_l = raw[f"bare/{strategy}/{n}"], raw[f"bare/{strategy}/{long}"]
         run = [t / n for t in run_n]
-        loop = [(b - a) / n for a, b in zip(run_n, run_2n)]
+        loop = [(b - a) / (long - n) for a, b in zip(run_n, run_l)]
         bare_full = [t / n for t in bare_n]
-        bare = [(b - a) / n for a, b in zip(bare_n, bare_2n)]
+        bare = [(b - a) / (long - n) for a, b in zip(bare_n, bare_l)]
         record = [t / n for t in raw[f"record/{strategy}/{n}"]]
         remainder = [lp - bp - rc - ho for lp, bp, rc, ho in zip(loop, bare, record, heldout_share)]
         loops[strategy], bares[strategy] = loop, bare
@@ -669,7 +681,7 @@ def render(result: dict) -> list:
         c = cross.get(strategy, {})
         row(f"{strategy}: train.run, whole path ({n} steps)",
             lambda f, s=strategy: f[s]["run_per_step_s"], cross_value=c.get("run"))
-        row("  loop alone (marginal, N -> 2N steps)",
+        row(f"  loop alone (marginal, {n} -> {config['steps_long']} steps)",
             lambda f, s=strategy: f[s]["loop_per_step_s"], cross_value=c.get("loop"))
         row("    recording: inference loss per step", lambda f, s=strategy: f[s]["record_per_step_s"])
         row(f"    recording: held-out eval / {every}", lambda f, s=strategy: f[s]["heldout_per_step_s"])

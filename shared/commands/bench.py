@@ -18,6 +18,7 @@ from shared.bench import (
     DEFAULT_REPEATS,
     DEFAULT_STEPS,
     FRAMEWORK_ORDER,
+    LONG_FACTOR,
     BenchConfig,
     BenchError,
     measure,
@@ -29,7 +30,7 @@ from shared.io import atomic_write_json, ensure_writable_dir
 __all__ = ["QUICK", "add_parser", "run"]
 
 # --quick: a smoke test of the whole machinery in seconds; its figures mean nothing.
-QUICK = {"repeats": 1, "steps": 2, "warmup": 0, "threads": 1}
+QUICK = {"repeats": 1, "steps": 2, "long_factor": 2, "warmup": 0, "threads": 1}
 
 
 def add_parser(parser) -> None:
@@ -37,8 +38,9 @@ def add_parser(parser) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repeats per figure, medians reported (default {DEFAULT_REPEATS})")
     parser.add_argument("--steps", type=int, default=None,
-                        help="N: train.run and the bare loops are timed at N and 2N steps (default: "
-                             + ", ".join(f"{a} {s}" for a, s in DEFAULT_STEPS.items()) + ")")
+                        help=f"N: train.run and the bare loops are timed at N and {LONG_FACTOR}N steps "
+                             "(default: " + ", ".join(f"{a} {s}" for a, s in DEFAULT_STEPS.items())
+                             + ")")
     parser.add_argument("--pretrain-epochs", type=int, default=1,
                         help="epochs of the timed pretraining (default 1; the cache uses 6)")
     parser.add_argument("--framework", choices=FRAMEWORK_ORDER, action="append", default=None,
@@ -52,7 +54,7 @@ def add_parser(parser) -> None:
                         help="skip the peak-memory processes")
     parser.add_argument("--no-pretrain", action="store_true", help="skip timing pretraining")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 repeat, N=2, no warm-up, 1 thread, idle memory only, frameworks "
+                        help="smoke test: 1 repeat, N=2 and 4 steps, no warm-up, 1 thread, idle memory only, frameworks "
                              "and memory processes concurrently; figures meaningless")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here (JSON)")
 
