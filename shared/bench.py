@@ -45,7 +45,18 @@ lifetime peak, interpreter and framework imports included; ``ru_maxrss`` of
 process with nothing run (framework imported, data and checkpoint loaded);
 the tf process also holds torch, which ``tf_impl`` imports first.
 
-This module imports no framework: the workers reach them through
+Threads. By default each framework keeps its own thread pools, as users get
+them. On a small shared machine torch's OpenMP pool (one thread per core)
+stalls whenever another process holds a core: an op waits for a descheduled
+peer thread, so torch timings swing by up to 10x between repeats (a tinyconv
+forward measured 8.7 ms on one thread, 140 ms on two, with a load average of
+3 on 2 cores). ``threads=1`` pins both frameworks to one intra- and one
+inter-op thread for comparisons that hold still; the machine record says
+which was used and the load average before and after.
+
+``quick`` is a smoke test, not a measurement: one repeat, no warm-up, tiny
+runs, one thread, and the frameworks and memory processes run at the same
+time. This module imports no framework: the workers reach them through
 :func:`shared.frameworks.load`.
 """
 
