@@ -123,7 +123,7 @@ def test_cross_bn_variance_reconciled_explicitly(run_record):
     # same run but for the convention switch: compare it as the same config
     raw = compare_records(dataclasses.replace(unreconciled, config=torch_record.config), torch_record)
     assert reconciled.ok
-    assert not raw.ok and raw.max_eval_diff > 100 * reconciled.max_eval_diff
+    assert not raw.ok and raw.max_eval_diff > 10 * reconciled.max_eval_diff
     # training-mode losses use batch statistics only: unaffected by the convention
     assert raw.max_train_diff < 10 * tolerances.STEP_LOSS_ATOL
 

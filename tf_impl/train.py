@@ -93,6 +93,21 @@ def _inference(model):
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
+def _inference_loss(model):
+    # The per-step eval loss, traced once: forward and loss in one graph call.
+    def loss(x, y):
+        logits = model(x, training=False)
+        return ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+    return tf.function(loss, reduce_retracing=True)
+
+
+def _features(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Base features in inference mode (the cache of ``feature_extraction``)."""
+    base_infer = tf.function(lambda x: model.base(x, training=False), reduce_retracing=True)
+    return ops.convert_to_numpy(ops.concatenate(
+        [base_infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)], axis=0))
+
+
 def _mean_loss(y: np.ndarray, logits) -> tuple[float, float]:
     loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     accuracy = np.mean(np.argmax(ops.convert_to_numpy(logits), axis=1) == y)
@@ -118,19 +133,19 @@ class StepRecorder(keras.callbacks.Callback):
         self.heldout_eval, self.points = heldout_eval, points
         self.steps: list[StepRecord] = []
         self.heldout: list[HeldOut] = []
-        self._eval_loss = 0.0
-        self._infer = None
+        self._eval_loss = None
+        self._loss = None
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._infer is None:
-            self._infer = _inference(self.model)
+        if self._loss is None:
+            self._loss = _inference_loss(self.model)
         if batch in self.points:
             self.heldout.append(HeldOut(batch, *self.heldout_eval()))
         idx = self.indices[batch]
-        self._eval_loss, _ = _mean_loss(self.labels[idx], self._infer(self.inputs[idx]))
+        self._eval_loss = self._loss(self.inputs[idx], self.labels[idx])
 
     def on_train_batch_end(self, batch, logs=None):
-        self.steps.append(StepRecord(batch, float(logs["batch_loss"]), self._eval_loss))
+        self.steps.append(StepRecord(batch, float(logs["batch_loss"]), float(self._eval_loss)))
 
 
 def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
@@ -140,8 +155,13 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     model = build_model(config.arch, domains.source_train.num_classes,
                         norm_layer=norm_layer_for(config.arch, "full"))
     import_weights(model, canonical_init(canonical_shapes(model), config.seed), "canonical init")
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate,
-                                                 momentum=config.momentum), loss=_loss())
+    decay_step = config.decay_step(len(domains.source_train) // config.batch_size)
+    # Keras's schedule uses values[0] while iterations <= boundary: boundary decay_step - 1
+    # switches at the same update as torch_impl.train.pretrain.
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [max(decay_step - 1, 0)], [config.learning_rate, config.learning_rate * config.decay_factor])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum),
+                  loss=_loss())
     pairs = list(data.batches(domains.source_train, config.batch_size, seed=config.seed,
                               epochs=config.epochs))
     x = np.concatenate([p[0] for p in pairs])
@@ -168,22 +188,24 @@ def run(config: RunConfig) -> RunRecord:
     import_weights(model, prepared.initial, prepared.checkpoint)
     apply_strategy(model, strategy)
     before = _state(model)
-    full_infer = _inference(model)
-
-    def heldout_eval():
-        return evaluate(model, prepared.heldout, infer=full_infer, dtype=config.dtype)
-
     images = prepared.train.images.astype(config.dtype)
-
-
     if strategy.cached_features:
-        # Split the model: the base runs once, in inference mode, over the training split.
-        base_infer = tf.function(lambda x: model.base(x, training=False), reduce_retracing=True)
-        inputs = ops.convert_to_numpy(ops.concatenate(
-            [base_infer(images[i:i + 256]) for i in range(0, len(images), 256)], axis=0))
+        # Split the model: the base runs once, in inference mode, over the training and
+        # held-out splits; from then on only the head runs.
+        inputs = _features(model, images)
+        held_features = _features(model, prepared.heldout.images.astype(config.dtype))
         trainee = HeadModel(model.head)
+        head_infer = _inference(trainee)
+
+        def heldout_eval():
+            return _mean_loss(prepared.heldout.labels, head_infer(held_features))
     else:
         inputs, trainee = images, model
+        full_infer = _inference(model)
+
+        def heldout_eval():
+            return evaluate(model, prepared.heldout, infer=full_infer, dtype=config.dtype)
+
     recorder = StepRecorder(inputs, prepared.train.labels, prepared.indices, heldout_eval,
                             set(eval_points(config)))
     trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),

@@ -61,20 +61,37 @@ def make_optimizer(config, params) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: data.Split, batch_size: int = 256) -> tuple[float, float]:
-    """Inference-mode mean loss and accuracy on ``split``; restores the model's mode."""
-    was_training = model.training
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    model.eval()
-    total, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x = _tensor(split.images[start:start + batch_size], dtype)
-        y = torch.from_numpy(split.labels[start:start + batch_size])
-        logits = model(x)
+def _scores(module: nn.Module, pairs) -> tuple[float, float]:
+    """Inference-mode mean loss and accuracy of ``module`` over ``(x, y)`` pairs."""
+    was_training = module.training
+    module.eval()
+    total, correct, count = 0.0, 0, 0
+    for x, y in pairs:
+        logits = module(x)
         total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
+        count += len(y)
+    module.train(was_training)
+    return total / count, correct / count
+
+
+def evaluate(model: nn.Module, split: data.Split, batch_size: int = 256) -> tuple[float, float]:
+    """Inference-mode mean loss and accuracy on ``split``; restores the model's mode."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return _scores(model, ((_tensor(split.images[i:i + batch_size], dtype),
+                            torch.from_numpy(split.labels[i:i + batch_size]))
+                           for i in range(0, len(split), batch_size)))
+
+
+@torch.no_grad()
+def _features(model: nn.Module, images: np.ndarray, dtype: str, batch_size: int = 256):
+    """Base features in inference mode (the cache of ``feature_extraction``)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model.features(_tensor(images[i:i + batch_size], dtype))
+                     for i in range(0, len(images), batch_size)])
     model.train(was_training)
-    return total / len(split), correct / len(split)
+    return out
 
 
 @_one_thread()
@@ -87,8 +104,12 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
                                 momentum=config.momentum)
     model.train()
-    for x, y in data.batches(domains.source_train, config.batch_size, seed=config.seed,
-                             epochs=config.epochs):
+    decay_step = config.decay_step(len(domains.source_train) // config.batch_size)
+    for step, (x, y) in enumerate(data.batches(domains.source_train, config.batch_size,
+                                               seed=config.seed, epochs=config.epochs)):
+        if step == decay_step:
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * config.decay_factor
         optimizer.zero_grad()
         _LOSS(model(_tensor(x)), torch.from_numpy(y)).backward()
         optimizer.step()
@@ -116,22 +137,23 @@ def run(config: RunConfig) -> RunRecord:
     optimizer = make_optimizer(config, trainable_parameters(model))
 
     if strategy.cached_features:
-        # Split the model: the base runs once, in inference mode, over the training split.
-        model.eval()
-        with torch.no_grad():
-            features = torch.cat([model.features(_tensor(prepared.train.images[i:i + 256],
-                                                         config.dtype))
-                                  for i in range(0, len(prepared.train), 256)])
+        # Split the model: the base runs once, in inference mode, over the training and
+        # held-out splits; from then on only the head runs.
+        features = _features(model, prepared.train.images, config.dtype)
+        held_features = _features(model, prepared.heldout.images, config.dtype)
+        held_labels = torch.from_numpy(prepared.heldout.labels)
         forward, head = model.head, model.head
         inputs = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
+        heldout_eval = lambda: _scores(model.head, [(held_features, held_labels)])  # noqa: E731
     else:
         forward, head = model, model
         inputs = lambda idx: _tensor(prepared.train.images[idx], config.dtype)  # noqa: E731
+        heldout_eval = lambda: evaluate(model, prepared.heldout)  # noqa: E731
 
     model.train()
     for step, idx in enumerate(prepared.indices):
         if step in points:
-            heldout.append(HeldOut(step, *evaluate(model, prepared.heldout)))
+            heldout.append(HeldOut(step, *heldout_eval()))
         x, y = inputs(idx), torch.from_numpy(prepared.train.labels[idx])
         head.eval()
         with torch.no_grad():
@@ -142,5 +164,5 @@ def run(config: RunConfig) -> RunRecord:
         loss.backward()
         optimizer.step()
         steps.append(StepRecord(step, float(loss.detach()), eval_loss))
-    heldout.append(HeldOut(config.steps, *evaluate(model, prepared.heldout)))
+    heldout.append(HeldOut(config.steps, *heldout_eval()))
     return finish("torch", config, steps, heldout, before, _state(model))
