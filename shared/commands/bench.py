@@ -26,6 +26,7 @@ from shared.bench import (
 )
 from shared.errors import UsageError
 from shared.io import atomic_write_json, ensure_writable_dir
+from shared.pretrain import PretrainConfig
 
 __all__ = ["QUICK", "add_parser", "run"]
 
@@ -42,7 +43,8 @@ def add_parser(parser) -> None:
                              "(default: " + ", ".join(f"{a} {s}" for a, s in DEFAULT_STEPS.items())
                              + ")")
     parser.add_argument("--pretrain-epochs", type=int, default=1,
-                        help="epochs of the timed pretraining (default 1; the cache uses 6)")
+                        help="epochs of the timed pretraining (default 1; the cached "
+                             f"checkpoint uses {PretrainConfig.epochs})")
     parser.add_argument("--framework", choices=FRAMEWORK_ORDER, action="append", default=None,
                         help="measure only this framework (repeatable; default: both)")
     parser.add_argument("--checkpoint", type=Path, default=None,
