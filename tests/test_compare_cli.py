@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from table_cells import parse_table
 
 from shared import report as rep
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.pretrain import ensure_checkpoint
-from shared.strategies import STRATEGIES
 
 STEPS = 5
 PAIR = ("frozen", "naive")
@@ -55,16 +55,6 @@ def _compare(cache: Path, *argv: str, script: str | None = None) -> subprocess.C
     return subprocess.run([sys.executable, *entry, "compare", *argv], capture_output=True,
                           text=True, env={**os.environ, "FREEZE_PARITY_CACHE": str(cache)},
                           timeout=600, check=False)
-
-
-def _parse_table(text: str) -> list[list[str]]:
-    """Cells of each body row of the printed table (rows start with a strategy name)."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")]
-        if cells and cells[0] in STRATEGIES:
-            rows.append(cells)
-    return rows
 
 
 def _formatted(report: dict) -> list[list[str]]:
@@ -106,7 +96,7 @@ def test_compare_writes_three_reports_atomically(ok_run):
 def test_compare_report_json_equals_printed_table(ok_run):
     proc, out = ok_run
     report = json.loads((out / "report.json").read_text())
-    printed = _parse_table(proc.stdout)
+    printed = parse_table(proc.stdout)
     assert [row[0] for row in printed] == list(PAIR)
     assert printed == _formatted(report)
     naive = next(r for r in report["table"]["rows"] if r["strategy"] == "naive")

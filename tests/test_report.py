@@ -13,6 +13,7 @@ import json
 import pytest
 from PIL import Image
 from rich.console import Console
+from table_cells import parse_table
 
 from shared import report as rep
 from shared import tolerances as tol
@@ -53,16 +54,6 @@ def _report(pairs) -> rep.Report:
                                     "steps": STEPS, "batch_size": 32})
 
 
-def _parse_table(text: str) -> list[list[str]]:
-    """Cells of each body row of a rich SQUARE-box table (rows start with a strategy name)."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")]
-        if cells and cells[0] in STRATEGIES:
-            rows.append(cells)
-    return rows
-
-
 @pytest.fixture(scope="module")
 def all_ok() -> rep.Report:
     return _report([_pair(name) for name in STRATEGIES])
@@ -100,7 +91,7 @@ def test_report_printed_table_equals_cells(all_ok):
     console = Console(width=200, record=True, file=io.StringIO())
     console = Console(width=rep.table_width(table, console), record=True, file=io.StringIO())
     console.print(table)
-    assert _parse_table(console.export_text()) == all_ok.cells()
+    assert parse_table(console.export_text()) == all_ok.cells()
 
 
 def test_report_markdown_table_equals_cells(all_ok):
