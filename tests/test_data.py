@@ -24,6 +24,7 @@ from shared.data import (
     validate_images,
     validate_labels,
 )
+from shared.tolerances import SAME_FRAMEWORK_ATOL
 
 SPLIT_NAMES = ("source_train", "source_test", "target_train", "target_test")
 BATCH = 32  # the batch size the experiments use
@@ -280,7 +281,7 @@ def test_synthetic_deterministic_balanced_and_shift_moves_mean():
     assert np.bincount(a.labels).tolist() == [22, 21, 21]
     shifted = synthetic(seed=5, shift=1.0)
     np.testing.assert_allclose(channel_stats(shifted.images)[0] - channel_stats(a.images)[0], 1.0,
-                               rtol=1e-5)
+                               atol=SAME_FRAMEWORK_ATOL)
 
 
 def test_synthetic_classes_are_separable():
