@@ -8,7 +8,7 @@ into the record's frozen-tensor and BatchNorm verdicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def finish(framework: str, config: RunConfig, steps: list[StepRecord], heldout: 
     stat_changes = tensor_changes(before, after, stats)
     return RunRecord(
         framework=framework, strategy=strategy.name, arch=config.arch,
-        config={**config.__dict__}, steps=steps, heldout=heldout,
+        config=asdict(config), steps=steps, heldout=heldout,
         frozen_unchanged=not frozen_changes, bn_stats_changed=bool(stat_changes),
         frozen_changes=frozen_changes,
         bn_stats_max_change=max(stat_changes.values(), default=0.0),
