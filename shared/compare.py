@@ -19,8 +19,14 @@ from shared import tolerances as tol
 from shared.record import RunRecord
 from shared.strategies import check_expectations, get_strategy
 
-__all__ = ["Tolerance", "Comparison", "step_tolerance", "compare_records", "expectation_failures",
-           "EXPECTED_TO_DIFFER"]
+__all__ = [
+    "EXPECTED_TO_DIFFER",
+    "Comparison",
+    "Tolerance",
+    "compare_records",
+    "expectation_failures",
+    "step_tolerance",
+]
 
 # Strategies whose two frameworks are *meant* to disagree (the traps differ).
 EXPECTED_TO_DIFFER = ("naive",)
@@ -42,6 +48,8 @@ def step_tolerance(strategy: str, optimizer: str, dtype: str = "float32") -> Tol
         return Tolerance("FULL_FLOAT32_STEP", tol.FULL_FLOAT32_STEP_ATOL, tol.FULL_FLOAT32_STEP_RTOL)
     if strategy == "full" and dtype == "float32":
         return Tolerance("FULL_FLOAT32_STEP", tol.FULL_FLOAT32_STEP_ATOL, tol.FULL_FLOAT32_STEP_RTOL)
+    if get_strategy(strategy).bn_mode == "batch" and dtype == "float32":
+        return Tolerance("BATCH_STATS_STEP", tol.BATCH_STATS_STEP_ATOL, tol.BATCH_STATS_STEP_RTOL)
     return Tolerance("STEP_LOSS", tol.STEP_LOSS_ATOL, tol.STEP_LOSS_RTOL)
 
 

@@ -3,34 +3,33 @@
 ``sklearn.datasets.load_digits()`` ships 1,797 greyscale 8x8 digits (values
 0..16) inside the package, so nothing is downloaded. They are split into
 
-* the **source** domain, the pretraining task: digits 0-4, grey ink on black,
-  replicated to 3 channels, scaled to [0, 1] (no further normalisation);
-* the **target** domain, the fine-tuning task: digits 5-9 (labels remapped to
-  0-4), recoloured as yellow ink on a light-blue background. Per channel the
-  target image is ``TARGET_BACKGROUND[c] + TARGET_INK_GAIN[c] * grey``: a large
-  brightness offset, contrast cut to 0.35-0.55 of the source's, and the blue
-  channel inverted.
+* the **source** domain, the pretraining task: half of the images of every
+  digit 0-9, grey ink on black, replicated to 3 channels, scaled to [0, 1];
+* the **target** domain, the fine-tuning task: the other half of every digit
+  (no image is in both), recoloured: per channel ``TARGET_BACKGROUND[c] +
+  TARGET_INK_GAIN * grey``, a tinted background and the contrast cut to 0.6.
 
-The shift is deliberately large, so that BatchNorm batch statistics on target
-batches are far from the running statistics stored while pretraining on the
-source: a model that (wrongly) updates or uses batch statistics when the base
-is meant to be frozen shows it clearly. Measured with ``load_domains()``
-(size 32, seed 0), per channel R, G, B, via :func:`channel_stats`:
+The target shift is one every channel shares in kind: an offset per channel
+and one contrast factor. Through the first convolution it becomes a per-channel
+affine change of the source response, which BatchNorm on *target* statistics
+undoes (away from the zero-padded borders) and stored *source* statistics do
+not: a base that keeps its stored source statistics sees distorted features,
+one that adapts its statistics sees nearly the features it was pretrained on.
+That is the seed's lesson ("make BatchNorm adapt"), and it shows in accuracy.
+Measured with ``load_domains()`` (size 32, seed 0), per channel R, G, B, via
+:func:`channel_stats`:
 
 ================  ======================  ======================
 split             mean                    variance (biased)
 ================  ======================  ======================
-source/train      0.305, 0.305, 0.305     0.1067, 0.1067, 0.1067
-target/train      0.653, 0.657, 0.782     0.0258, 0.0126, 0.0312
+source/train      0.306, 0.306, 0.306     0.1048, 0.1048, 0.1048
+target/train      0.382, 0.432, 0.532     0.0374, 0.0374, 0.0374
 ================  ======================  ======================
 
-that is mean gaps of 0.35, 0.35, 0.48 and source/target variance ratios of
-4.1, 8.5, 3.4. Even single 32-image target batches (5 shuffled epochs) stay at
-least 0.34 (mean) and 3.2x (variance) away from the source statistics in
-every channel. At size 8 the variances are about 1.3x larger (no
-interpolation smoothing); the gaps and ratios are much the same
-(``tests/test_data.py`` pins ``MIN_SHIFT_MEAN_GAP`` and
-``MIN_SHIFT_VAR_RATIO``).
+that is mean gaps of 0.08, 0.13, 0.23 and a variance ratio of 2.8 (0.6 squared,
+plus the background's share). Even single 32-image target batches (3 shuffled epochs) stay at least
+``MIN_SHIFT_MEAN_GAP`` (mean) and ``MIN_SHIFT_VAR_RATIO`` (variance) away from
+the source statistics in every channel (``tests/test_data.py``).
 
 Images are NHWC float32 with 3 channels; 8x8 digits are upsampled bilinearly
 (pixel centres aligned, edges clamped) to ``size x size``, so ``size=8`` is
@@ -68,20 +67,23 @@ __all__ = [
     "validate_labels",
 ]
 
-SOURCE_CLASSES = (0, 1, 2, 3, 4)
-TARGET_CLASSES = (5, 6, 7, 8, 9)
+# Both domains hold every digit; they share no image (each class is split in half).
+SOURCE_CLASSES = tuple(range(10))
+TARGET_CLASSES = tuple(range(10))
 
 # Target recolouring, per channel R, G, B: pixel = background + ink_gain * grey.
-# Light-blue background (0.50, 0.55, 0.95); ink (1.0, 0.9, 0.4) is yellow.
-TARGET_BACKGROUND = (0.50, 0.55, 0.95)
-TARGET_INK_GAIN = (0.50, 0.35, -0.55)
+# One gain for every channel keeps the shift affine per channel through the first
+# convolution (see the module docstring); the background tints it.
+TARGET_BACKGROUND = (0.20, 0.25, 0.35)
+TARGET_INK_GAIN = 0.6
 
 # The promise the domain split makes, checked by tests/test_data.py on whole
 # splits and on single batches of 32: in every channel the target mean is at
-# least this far from the source mean ...
-MIN_SHIFT_MEAN_GAP = 0.3
-# ... and the larger of the two variances is at least this multiple of the other.
-MIN_SHIFT_VAR_RATIO = 2.0
+# least this far from the source mean (measured: 0.071 on the worst batch) ...
+MIN_SHIFT_MEAN_GAP = 0.05
+# ... and the larger of the two variances is at least this multiple of the other
+# (measured: 2.64 on the worst batch).
+MIN_SHIFT_VAR_RATIO = 2.5
 
 _DIGIT_SIZE = 8  # load_digits() images are 8x8
 _DIGIT_MAX = 16.0  # ... with integer values 0..16
@@ -240,10 +242,9 @@ def _as_source(grey: np.ndarray) -> np.ndarray:
 
 
 def _as_target(grey: np.ndarray) -> np.ndarray:
-    """Grey digits -> yellow ink on light blue, per channel background + gain * grey."""
+    """Grey digits -> low-contrast ink on a tinted background: background + gain * grey."""
     background = np.asarray(TARGET_BACKGROUND)
-    gain = np.asarray(TARGET_INK_GAIN)
-    return (background + gain * grey[..., None]).astype(np.float32)
+    return (background + TARGET_INK_GAIN * grey[..., None]).astype(np.float32)
 
 
 def _stratified_split(
@@ -260,10 +261,11 @@ def _stratified_split(
 
 
 def load_domains(size: int = 32, seed: int = 0, test_fraction: float = 0.25) -> Domains:
-    """Source (digits 0-4) and target (digits 5-9 as 0-4, recoloured) train/test splits.
+    """Source (grey) and target (recoloured) train/test splits of all ten digits.
 
-    Deterministic in ``(seed, test_fraction)``: the split does not depend on
-    ``size``. Each domain is split per class, so class balance is kept.
+    Every class is first split in half between the domains (no image is in both),
+    then each domain per class into train and test, so class balance is kept.
+    Deterministic in ``(seed, test_fraction)``: the split does not depend on ``size``.
     """
     size = _check_count(size, "size", "load_domains", minimum=_DIGIT_SIZE)
     seed = _check_count(seed, "seed", "load_domains", minimum=0)
@@ -271,17 +273,17 @@ def load_domains(size: int = 32, seed: int = 0, test_fraction: float = 0.25) -> 
         raise ValueError(f"load_domains: test_fraction must be in (0, 1), got {test_fraction!r}")
     grey, digits = _digits()
     rng = np.random.default_rng(seed)
+    source_pool, target_pool = _stratified_split(digits, 0.5, rng)
     splits = {}
-    for domain, classes, recolour in (
-        ("source", SOURCE_CLASSES, _as_source),
-        ("target", TARGET_CLASSES, _as_target),
+    for domain, pool, recolour in (
+        ("source", source_pool, _as_source),
+        ("target", target_pool, _as_target),
     ):
-        in_domain = np.flatnonzero(np.isin(digits, classes))
-        labels = digits[in_domain] - classes[0]  # 5..9 -> 0..4 for the target
+        labels = digits[pool]
         for part, idx in zip(("train", "test"), _stratified_split(labels, test_fraction, rng)):
             name = f"{domain}/{part}"
-            images = recolour(_upsample(grey[in_domain[idx]], size))
-            splits[name] = Split(images, labels[idx].copy(), len(classes), name)
+            images = recolour(_upsample(grey[pool[idx]], size))
+            splits[name] = Split(images, labels[idx].copy(), len(SOURCE_CLASSES), name)
     return Domains(
         source_train=splits["source/train"],
         source_test=splits["source/test"],

@@ -16,11 +16,11 @@ from shared import data
 from shared.archs import arch_config
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.init import head_init
-from shared.pretrain import ensure_checkpoint
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
+from shared.shipped import default_checkpoint
 from shared.strategies import bn_prefixes, frozen_keys, get_strategy
 
-__all__ = ["Prepared", "prepare", "eval_points", "finish", "tensor_changes"]
+__all__ = ["Prepared", "eval_points", "finish", "prepare", "tensor_changes"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Prepared:
 
 
 def prepare(config: RunConfig) -> Prepared:
-    path = config.checkpoint or str(ensure_checkpoint(config.arch))
+    path = default_checkpoint(config.arch, config.checkpoint)
     tensors, meta = load_checkpoint(path)
     if meta.get("arch") != config.arch:
         raise CheckpointError(f"checkpoint {path}: made for arch {meta.get('arch')!r}, "

@@ -66,6 +66,8 @@ COLUMNS: tuple[Column, ...] = (
                f"{fw}: inference-mode loss of the last step's batch at the same weights"),
         Column(f"{fw}_gap", f"{fw} gap", ".3g",
                f"{fw}: largest |train - eval| over all steps (0 when BatchNorm is in inference mode)"),
+        Column(f"{fw}_acc", f"{fw} acc", ".3f",
+               f"{fw}: held-out target accuracy after the last step (inference mode)"),
     )),
     Column("max_diff", "max |tf-torch|", ".3g",
            "largest cross-framework difference of per-step train/eval and held-out losses"),
@@ -156,6 +158,7 @@ def build_report(pairs: list[tuple[RunRecord, RunRecord]], settings: dict) -> Re
             row[f"{record.framework}_train"] = last.train_loss
             row[f"{record.framework}_eval"] = last.eval_loss
             row[f"{record.framework}_gap"] = record.max_train_eval_gap
+            row[f"{record.framework}_acc"] = record.heldout[-1].accuracy
         row["max_diff"] = cmp.max_diff
         row["tolerance"] = cmp.tolerance.name
         row["verdict"] = verdict(cmp, expectations)

@@ -11,6 +11,10 @@ from __future__ import annotations
 # float32 reductions can differ (e.g. a tf.function graph vs eager).
 SAME_FRAMEWORK_ATOL = 1e-6
 
+# Float64 runs of the two frameworks: what rounding alone leaves after 30 steps
+# (measured up to 2e-13 on tinyconv runs); a floor for "this differs from noise" checks.
+FLOAT64_NOISE = 1e-12
+
 # --- cross-framework forward ----------------------------------------------
 # TensorFlow (oneDNN) and ATen sum convolutions in different orders; on
 # float32 nets of up to 128 channels the largest difference seen was 1e-5.
@@ -46,16 +50,33 @@ RESNET_FORWARD_RTOL = FORWARD_RTOL
 RESNET_FORWARD_FLOAT64_ATOL = 1e-10
 
 # --- named exceptions to STEP_LOSS_*, each shown by a test ------------------
-# `full` trains every layer with BatchNorm in batch-statistics mode in float32:
-# BN's backward subtracts nearly equal terms, so float32 rounding of the two
-# frameworks' forward passes (1e-7 relative) becomes 1e-4 relative gradient
-# differences that 30 steps grow to ~1e-3 in the loss (measured: SGD 1.0e-3,
-# Adam 1.8e-3, largest over train, eval and held-out losses). In float64 the same runs
-# agree to 1e-7 (SGD), proving it is rounding, not different maths
-# (tests/test_train.py::test_cross_full_divergence_is_float32_rounding).
-FULL_FLOAT32_STEP_ATOL = 1e-2
-FULL_FLOAT32_STEP_RTOL = 1e-2
+# BatchNorm on batch statistics in training (`bn_adapt`): BN's backward subtracts nearly
+# equal terms, so the frameworks' float32 forward rounding (1e-7 relative) becomes
+# gradient differences that 100 SGD steps (lr 0.02, momentum 0.9) grow to 3.2e-4 in the
+# loss on tinyconv; the same runs in float64 agree to 1e-12
+# (tests/test_train.py::test_cross_batch_stats_divergence_is_float32_rounding).
+# 6x the measured value: other CPUs round the same sums differently.
+BATCH_STATS_STEP_ATOL = 2e-3
+BATCH_STATS_STEP_RTOL = 1e-3
+# `full` trains every layer with BN on batch statistics: the trajectory is far more
+# sensitive (ReLU patterns and argmaxes flip), and 100 float32 steps end 6.2e-2 apart
+# (largest over train, eval and held-out losses; lr 0.02). In float64, with the same
+# float32 learning rate and momentum on both sides, the runs agree to 2e-13
+# (tests/test_train.py::test_cross_batch_stats_divergence_is_float32_rounding): rounding, not
+# different maths. 3x the measured value, for other CPUs.
+FULL_FLOAT32_STEP_ATOL = 0.2
+FULL_FLOAT32_STEP_RTOL = 0.0
 # Adam divides by sqrt(v): where a gradient component is near zero its rounding
 # decides a step of about the learning rate, so `full` + Adam diverges ~1e-4 even
 # in float64 (measured 7.9e-4; Keras also keeps the learning rate in a float32 variable).
 FULL_ADAM_FLOAT64_STEP_ATOL = 1e-2
+
+# --- README and PORTING.md numbers, re-measured on another machine -----------
+# Their numbers come from one run on this project's machine type. Another CPU sums
+# float32 in another order (oneDNN and ATen pick kernels per instruction set), which
+# moves a run's numbers the way it moves tf against torch: each README row is compared
+# within its own step tolerance (STEP_LOSS / BATCH_STATS_STEP / FULL_FLOAT32_STEP)
+# plus half a unit of its printed precision (tests/test_readme_numbers.py). Held-out
+# accuracy moves in whole images: a loss that moves by BATCH_STATS_STEP or
+# FULL_FLOAT32_STEP can flip images near a decision boundary; 0.02 is 4 of 223.
+README_ACCURACY_ATOL = 0.02

@@ -5,27 +5,28 @@ import-order segfault, docs/PORTING.md "Environment"); tf_impl then turns off
 TF32 on the TensorFlow side as torch_impl does on the torch side.
 
 Every session gets its own checkpoint cache (FREEZE_PARITY_CACHE, inherited by
-CLI subprocesses), so tests never read or write ~/.cache and the pretrained
-checkpoints they use are made by the code under test.
+CLI subprocesses), so tests never read or write ~/.cache. Runs start from the
+pretrained tinyconv checkpoint that ships in the package (sha256-checked), as
+the CLI's do; the tests that pretrain make their own.
 """
 
 import os
 import tempfile
 
-import torch_impl  # noqa: F401  (must precede tf_impl / tensorflow / keras)
-import tf_impl  # noqa: F401
-
 import pytest
+
+import tf_impl  # noqa: F401
+import torch_impl  # noqa: F401  (must precede tf_impl / tensorflow / keras)
 
 os.environ["FREEZE_PARITY_CACHE"] = tempfile.mkdtemp(prefix="freeze-parity-test-cache-")
 
 
 @pytest.fixture(scope="session")
 def tinyconv_checkpoint():
-    """The pretrained tinyconv checkpoint (torch-pretrained), made once per session."""
-    from shared.pretrain import ensure_checkpoint
+    """The shipped pretrained tinyconv checkpoint (what compare, run and explain use)."""
+    from shared.shipped import shipped_checkpoint
 
-    return ensure_checkpoint("tinyconv")
+    return shipped_checkpoint("tinyconv")
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from table_cells import parse_table
 
 from shared import report as rep
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.pretrain import ensure_checkpoint
+from shared.shipped import shipped_checkpoint
 
 STEPS = 5
 PAIR = ("frozen", "naive")
@@ -45,8 +45,8 @@ WRONG_EXPECTATION = (
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "fp-cache"
-    ensure_checkpoint("tinyconv", cache=path)  # once per session (tests/test_explain.py too)
+    path = tmp_path_factory.getbasetemp() / "fp-cache"  # empty: runs use the shipped checkpoint
+    path.mkdir(exist_ok=True)
     return path
 
 
@@ -163,7 +163,7 @@ def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
     if kind == "corrupt":
         path.write_bytes(b"\x00\x01 this is not a safetensors file")
         return path
-    good = ensure_checkpoint("tinyconv", cache=cache)
+    good = shipped_checkpoint("tinyconv")
     tensors, meta = load_checkpoint(good)
     if kind == "other-arch":
         meta = {**meta, "arch": "resnet18"}
@@ -212,14 +212,26 @@ def test_compare_says_when_it_pretrains(tmp_path, monkeypatch, capsys):
     made = []
     monkeypatch.setenv("FREEZE_PARITY_CACHE", str(tmp_path))
     monkeypatch.setattr(compare, "ensure_checkpoint", lambda arch: made.append(arch) or "ckpt")
-    assert compare.pretrained_checkpoint("tinyconv") == "ckpt"
+    assert compare.pretrained_checkpoint("tinyconv", checkpoint="cache") == "ckpt"
     assert made == ["tinyconv"]
     assert "pretraining it on the source domain first" in capsys.readouterr().err
 
 
-def test_compare_quiet_about_pretraining_when_cached(cache, monkeypatch, capsys):
+def test_compare_quiet_about_pretraining_when_cached(tmp_path, monkeypatch, capsys):
+    from shared.commands import compare
+    from shared.pretrain import PretrainConfig, checkpoint_path
+
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(tmp_path))
+    cached = checkpoint_path(PretrainConfig(arch="tinyconv"))
+    cached.write_bytes(shipped_checkpoint("tinyconv").read_bytes())
+    assert Path(compare.pretrained_checkpoint("tinyconv", checkpoint="cache")) == cached
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_uses_the_shipped_checkpoint_by_default(tmp_path, monkeypatch, capsys):
     from shared.commands import compare
 
-    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(cache))
-    assert Path(compare.pretrained_checkpoint("tinyconv")).is_file()
-    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(tmp_path))
+    assert compare.pretrained_checkpoint("tinyconv") == str(shipped_checkpoint("tinyconv"))
+    assert compare.pretrained_checkpoint("tinyconv", checkpoint="x.safetensors") == "x.safetensors"
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""

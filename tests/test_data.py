@@ -60,12 +60,32 @@ def test_load_domains_shapes_dtypes_and_names(domains):
         assert split.images.shape == (len(split), 32, 32, 3)
         assert split.images.dtype == np.float32 and split.labels.dtype == np.int64
         assert split.images.flags["C_CONTIGUOUS"]
-        assert split.num_classes == 5
-        assert set(np.unique(split.labels)) == set(range(5))
+        assert split.num_classes == 10
+        assert set(np.unique(split.labels)) == set(range(10))
         assert 0.0 <= split.images.min() and split.images.max() <= 1.0
         total += len(split)
     assert total == 1797
-    assert SOURCE_CLASSES == (0, 1, 2, 3, 4) and TARGET_CLASSES == (5, 6, 7, 8, 9)
+    assert SOURCE_CLASSES == TARGET_CLASSES == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+
+
+def test_load_domains_source_and_target_share_no_image():
+    from sklearn.datasets import load_digits
+
+    raw = load_domains(size=8)
+    as_bytes = lambda grey: np.round(grey * 16).astype(np.int64).tobytes()
+    source = [as_bytes(img[..., 0]) for img in
+              np.concatenate([raw.source_train.images, raw.source_test.images])]
+    # undo the target recolouring of channel R by hand: grey = (pixel - 0.20) / 0.6
+    target = [as_bytes((img[..., 0] - 0.20) / 0.6) for img in
+              np.concatenate([raw.target_train.images, raw.target_test.images])]
+    digits = [img.astype(np.int64).tobytes() for img in load_digits().images]
+    # every image of the dataset is used once: the two domains together are the dataset
+    assert sorted(source + target) == sorted(digits)
+    # the two domains split every class about in half
+    for c in range(10):
+        n_src = int((raw.source_train.labels == c).sum() + (raw.source_test.labels == c).sum())
+        n_tgt = int((raw.target_train.labels == c).sum() + (raw.target_test.labels == c).sum())
+        assert abs(n_src - n_tgt) <= 1, (c, n_src, n_tgt)
 
 
 def test_load_domains_split_is_stratified(domains):

@@ -17,8 +17,8 @@ import pytest
 
 import shared.explain as ex
 from shared import frameworks
-from shared.pretrain import ensure_checkpoint
 from shared.record import RunConfig
+from shared.shipped import shipped_checkpoint
 from shared.tolerances import SAME_FRAMEWORK_ATOL, STEP_LOSS_ATOL, STEP_LOSS_RTOL, TRAP_MIN_GAP
 
 EXAMPLES = 100  # 3 batches of 32 and one of 4
@@ -95,8 +95,7 @@ def test_batch_slices_last_batch_smaller():
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
-    # the same directory as tests/test_compare_cli.py's cache: pretrained once per session
-    return str(ensure_checkpoint("tinyconv", cache=tmp_path_factory.getbasetemp() / "fp-cache"))
+    return str(shipped_checkpoint("tinyconv"))  # what `freeze-parity explain` uses
 
 
 @pytest.fixture(scope="module")

@@ -124,12 +124,18 @@ def test_pretrained_checkpoint_learns_source_and_stores_source_statistics(tinyco
     assert np.abs(tensors["base.block1.bn.running_mean"]).max() > tolerances.TRAP_MIN_GAP
 
 
+# A short Keras pretraining (cheap in the suite) must still have clearly learned the
+# ten source classes (chance: 0.10); 6 epochs reached 0.716 (4: 0.587).
+SHORT_PRETRAIN_EPOCHS = 6
+MIN_SHORT_PRETRAIN_ACCURACY = 0.5
+
+
 def test_keras_pretrained_checkpoint_loads_into_torch_with_same_predictions(tmp_path):
     out = tmp_path / "tf.safetensors"
-    metrics = pretrain(PretrainConfig(framework="tf"), out)
-    assert metrics["accuracy"] >= MIN_SOURCE_ACCURACY
+    metrics = pretrain(PretrainConfig(framework="tf", epochs=SHORT_PRETRAIN_EPOCHS), out)
+    assert metrics["accuracy"] >= MIN_SHORT_PRETRAIN_ACCURACY
     tensors, _ = load_checkpoint(out)
-    x_torch = torch_model.build_model("tinyconv", 5)
+    x_torch = torch_model.build_model("tinyconv", len(data.SOURCE_CLASSES))
     torch_weights.import_weights(x_torch, tensors)
     loss, accuracy = torch_train.evaluate(x_torch, data.load_domains().source_test)
     assert accuracy == pytest.approx(metrics["accuracy"])

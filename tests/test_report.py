@@ -72,7 +72,8 @@ def test_report_rows_hold_last_step_losses_and_largest_gap(all_ok):
     assert row["tf_train"] == tf_record.steps[-1].train_loss
     assert row["torch_eval"] == torch_record.steps[-1].eval_loss
     assert row["tf_gap"] == tf_record.max_train_eval_gap
-    assert row["tolerance"] == "STEP_LOSS"
+    assert row["torch_acc"] == torch_record.heldout[-1].accuracy
+    assert row["tolerance"] == "BATCH_STATS_STEP"
 
 
 def test_report_json_rows_equal_table_cells(all_ok):

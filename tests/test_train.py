@@ -19,6 +19,13 @@ MATCHING = ["frozen", "feature_extraction", "partial"]
 GAPPED = ["bn_adapt", "full", "naive"]
 PARITY = ["frozen", "feature_extraction", "partial", "bn_adapt", "full"]
 MIN_PARITY_STEPS = 30
+# The tolerance each strategy's parity is judged with, written out by hand (SGD, float32).
+EXPECTED_TOLERANCE = {"frozen": "STEP_LOSS", "feature_extraction": "STEP_LOSS",
+                      "partial": "STEP_LOSS", "bn_adapt": "BATCH_STATS_STEP",
+                      "full": "FULL_FLOAT32_STEP"}
+# Variants of the demo run (Adam, float64, conventions off) run this many steps: enough for
+# each effect they show, and the demo's own 100-step runs stay shared with the README check.
+VARIANT_STEPS = 30
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -76,56 +83,67 @@ def test_feature_extraction_and_frozen_give_same_head_trajectory(run_record, fra
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("strategy", PARITY)
 def test_cross_step_losses_agree(run_record, strategy, optimizer):
-    tf_record = run_record("tf", strategy, optimizer=optimizer)
-    torch_record = run_record("torch", strategy, optimizer=optimizer)
+    steps = {} if optimizer == "sgd" else {"steps": VARIANT_STEPS}
+    tf_record = run_record("tf", strategy, optimizer=optimizer, **steps)
+    torch_record = run_record("torch", strategy, optimizer=optimizer, **steps)
     assert len(tf_record.steps) >= MIN_PARITY_STEPS
     result = compare_records(tf_record, torch_record)
     assert result.ok, "; ".join(result.failures)
-    if strategy != "full":
-        assert result.tolerance.name == "STEP_LOSS"
+    if optimizer == "sgd":
+        assert result.tolerance.name == EXPECTED_TOLERANCE[strategy]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_cross_naive_frameworks_differ(run_record, optimizer):
-    result = compare_records(run_record("tf", "naive", optimizer=optimizer),
-                             run_record("torch", "naive", optimizer=optimizer))
+    steps = {} if optimizer == "sgd" else {"steps": VARIANT_STEPS}
+    result = compare_records(run_record("tf", "naive", optimizer=optimizer, **steps),
+                             run_record("torch", "naive", optimizer=optimizer, **steps))
     assert not result.expected_to_match and result.ok
     assert result.max_eval_diff > 100 * tolerances.TRAP_MIN_GAP
 
 
-def test_cross_full_divergence_is_float32_rounding(run_record):
-    """Why `full` has its own tolerance: float32 diverges, float64 agrees."""
-    f32 = compare_records(run_record("tf", "full"), run_record("torch", "full"))
-    f64 = compare_records(run_record("tf", "full", dtype="float64"),
-                          run_record("torch", "full", dtype="float64"))
+@pytest.mark.parametrize("strategy, tolerance", [("bn_adapt", "BATCH_STATS_STEP"),
+                                                 ("full", "FULL_FLOAT32_STEP")])
+def test_cross_batch_stats_divergence_is_float32_rounding(run_record, strategy, tolerance):
+    """Why batch-statistics strategies have their own tolerances: float32 diverges, float64
+    agrees (with the same float32 learning rate and momentum on both sides)."""
+    f32 = compare_records(run_record("tf", strategy, steps=VARIANT_STEPS),
+                          run_record("torch", strategy, steps=VARIANT_STEPS))
+    f64 = compare_records(run_record("tf", strategy, dtype="float64", steps=VARIANT_STEPS),
+                          run_record("torch", strategy, dtype="float64", steps=VARIANT_STEPS))
     default = step_tolerance("frozen", "sgd")
-    assert f32.max_diff > default.atol, f"float32 full diverged only {f32.max_diff:.3g}"
+    assert f32.ok and f32.tolerance.name == tolerance, f32.failures
+    assert f32.max_diff > default.atol, f"float32 {strategy} diverged only {f32.max_diff:.3g}"
     assert f64.ok and f64.tolerance.name == "STEP_LOSS", f64.failures
-    assert f64.max_diff * 100 < f32.max_diff, (f64.max_diff, f32.max_diff)
+    assert f64.max_diff * 1e4 < f32.max_diff, (f64.max_diff, f32.max_diff)
 
 
 def test_cross_full_adam_diverges_even_in_float64(run_record):
     """Adam's division by sqrt(v) amplifies rounding that SGD leaves small."""
-    adam = compare_records(run_record("tf", "full", optimizer="adam", dtype="float64"),
-                           run_record("torch", "full", optimizer="adam", dtype="float64"))
-    sgd = compare_records(run_record("tf", "full", dtype="float64"),
-                          run_record("torch", "full", dtype="float64"))
+    adam = compare_records(
+        run_record("tf", "full", optimizer="adam", dtype="float64", steps=VARIANT_STEPS),
+        run_record("torch", "full", optimizer="adam", dtype="float64", steps=VARIANT_STEPS))
+    sgd = compare_records(run_record("tf", "full", dtype="float64", steps=VARIANT_STEPS),
+                          run_record("torch", "full", dtype="float64", steps=VARIANT_STEPS))
     assert adam.ok and adam.tolerance.name == "FULL_ADAM_FLOAT64_STEP_ATOL"
     assert adam.max_diff > tolerances.STEP_LOSS_ATOL > sgd.max_diff
 
 
 def test_cross_bn_variance_reconciled_explicitly(run_record):
     """Keras updates moving variance with the biased batch variance, torch with the
-    unbiased one; TorchVarianceBatchNormalization reconciles it in code."""
-    torch_record = run_record("torch", "bn_adapt")
-    reconciled = compare_records(run_record("tf", "bn_adapt"), torch_record)
-    unreconciled = run_record("tf", "bn_adapt", reconcile_bn_variance=False)
+    unbiased one; TorchVarianceBatchNormalization reconciles it in code. Measured in
+    float64, where nothing else separates the frameworks (in float32 the effect, 3e-4,
+    is as large as BATCH_STATS_STEP's rounding allowance)."""
+    f64 = {"dtype": "float64", "steps": VARIANT_STEPS}
+    torch_record = run_record("torch", "bn_adapt", **f64)
+    reconciled = compare_records(run_record("tf", "bn_adapt", **f64), torch_record)
+    unreconciled = run_record("tf", "bn_adapt", reconcile_bn_variance=False, **f64)
     # same run but for the convention switch: compare it as the same config
     raw = compare_records(dataclasses.replace(unreconciled, config=torch_record.config), torch_record)
-    assert reconciled.ok
-    assert not raw.ok and raw.max_eval_diff > 10 * reconciled.max_eval_diff
+    assert reconciled.ok and reconciled.tolerance.name == "STEP_LOSS"
+    assert not raw.ok and raw.max_eval_diff > 1e4 * max(reconciled.max_eval_diff, tolerances.FLOAT64_NOISE)
     # training-mode losses use batch statistics only: unaffected by the convention
-    assert raw.max_train_diff < 10 * tolerances.STEP_LOSS_ATOL
+    assert raw.max_train_diff < tolerances.STEP_LOSS_ATOL
 
 
 def test_keras_moving_variance_convention_is_n_over_n_minus_1():
@@ -167,7 +185,7 @@ def test_run_record_json_roundtrip(run_record):
 
 def test_heldout_points_every_k_steps(run_record):
     record = run_record("torch", "frozen")
-    assert [h.step for h in record.heldout] == [0, 10, 20, 30]
+    assert [h.step for h in record.heldout] == list(range(0, RunConfig().steps + 1, 10))
     assert all(0.0 <= h.accuracy <= 1.0 for h in record.heldout)
 
 

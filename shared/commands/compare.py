@@ -21,6 +21,7 @@ from shared.errors import UsageError
 from shared.io import ensure_writable_dir
 from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint
 from shared.record import OPTIMIZERS, RunConfig
+from shared.shipped import CACHE, SHIPPED_ARCHS, shipped_checkpoint
 from shared.strategies import STRATEGIES
 
 __all__ = ["DEFAULT_OUT", "add_parser", "parse_strategies", "pretrained_checkpoint", "run"]
@@ -35,10 +36,11 @@ def add_parser(parser) -> None:
     parser.add_argument("--steps", type=int, default=RunConfig.steps,
                         help=f"optimizer steps per run (default {RunConfig.steps})")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.01, Adam 0.001")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="canonical pretrained checkpoint (default: the cached one, "
-                             "pretrained on first use)")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02, Adam 0.001")
+    parser.add_argument("--checkpoint", default=None,
+                        help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
+                             "here on first use); default: the shipped one (tinyconv) or the "
+                             "cache's (resnet18)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory for report.md, report.json, figure.png (default {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,8 +67,14 @@ def _cached_checkpoint_usable(arch: str) -> bool:
         return False
 
 
-def pretrained_checkpoint(arch: str, command: str = "compare") -> str:
-    """The cached pretrained checkpoint of ``arch``; pretrains it first (and says so) if absent."""
+def pretrained_checkpoint(arch: str, command: str = "compare", checkpoint=None) -> str:
+    """What the runs start from: ``checkpoint`` if given; else the shipped file (tinyconv,
+    sha256-checked) or, with ``"cache"`` or for resnet18, the cache's (pretrained first, and
+    said so, if absent)."""
+    if checkpoint is not None and str(checkpoint) != CACHE:
+        return str(checkpoint)
+    if checkpoint is None and arch in SHIPPED_ARCHS:
+        return str(shipped_checkpoint(arch))
     if not _cached_checkpoint_usable(arch):
         print(f"freeze-parity {command}: no pretrained {arch} checkpoint in the cache yet: "
               f"pretraining it on the source domain first (once; "
@@ -116,8 +124,7 @@ def run(args) -> int:
                                optimizer=args.optimizer, learning_rate=args.lr)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
     out = ensure_writable_dir(args.out, "--out directory")
-    checkpoint = (str(args.checkpoint) if args.checkpoint is not None
-                  else pretrained_checkpoint(args.arch))
+    checkpoint = pretrained_checkpoint(args.arch, "compare", args.checkpoint)
     configs = {name: RunConfig(**{**config.__dict__, "checkpoint": checkpoint})
                for name, config in configs.items()}
     _check_checkpoint(next(iter(configs.values())))

@@ -41,6 +41,9 @@ def add_parser(parser) -> None:
     parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
     parser.add_argument("--examples", type=int, default=None,
                         help="fit on the first N target training images (default: all of them)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="canonical pretrained checkpoint; 'cache' = the cache's; default: "
+                             "the shipped one (tinyconv) or the cache's (resnet18)")
     parser.add_argument("--json", action="store_true", help="print the decompositions as JSON")
 
 
@@ -50,7 +53,7 @@ def run(args) -> int:
     if args.examples is not None and not 1 <= args.examples <= n:
         raise UsageError(f"--examples must be in [1, {n}] (the target training split), "
                          f"got {args.examples}")
-    checkpoint = pretrained_checkpoint(args.arch, "explain")
+    checkpoint = pretrained_checkpoint(args.arch, "explain", args.checkpoint)
     configs = [RunConfig(arch=args.arch, strategy=name, checkpoint=checkpoint) for name in strategies]
     impls = {fw: frameworks.load(fw, "explain") for fw in ("torch", "tf")
              if fw in _FRAMEWORK_CHOICES[args.framework]}  # torch first

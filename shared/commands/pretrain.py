@@ -6,8 +6,16 @@ import time
 from pathlib import Path
 
 from shared.archs import ARCHS
+from shared.errors import UsageError
 from shared.frameworks import FRAMEWORKS
-from shared.pretrain import MIN_SOURCE_ACCURACY, PretrainConfig, checkpoint_path, pretrain
+from shared.pretrain import (
+    DEFAULT_EPOCHS,
+    MIN_SOURCE_ACCURACY,
+    PretrainConfig,
+    checkpoint_path,
+    pretrain,
+)
+from shared.shipped import SHIPPED_DIR, ship
 
 
 def add_parser(parser) -> None:
@@ -17,12 +25,23 @@ def add_parser(parser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: the cache, $FREEZE_PARITY_CACHE or "
                              "~/.cache/freeze-parity)")
-    parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default per arch: {', '.join(f'{a} {e}' for a, e in DEFAULT_EPOCHS.items())}")
+    parser.add_argument("--ship", action="store_true",
+                        help="maintainers: remake the checkpoint that ships in the package "
+                             "(shared/pretrained/) with its recipe and sha256")
 
 
 def run(args) -> int:
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.ship:
+        if args.epochs is not None or args.out is not None:
+            raise UsageError("--ship uses the default recipe and location: no --epochs or --out")
+        recipe = ship(args.arch, framework=args.framework)
+        print(f"shipped {args.arch}: {SHIPPED_DIR / recipe['file']} sha256 {recipe['sha256']}, "
+              f"held-out source accuracy {recipe['source_test_accuracy']:.4f}")
+        return 0
     config = PretrainConfig(arch=args.arch, framework=args.framework, epochs=args.epochs)
     out = args.out or checkpoint_path(config)
     start = time.perf_counter()

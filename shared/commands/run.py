@@ -19,16 +19,18 @@ def add_parser(parser) -> None:
     parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
     parser.add_argument("--steps", type=int, default=RunConfig.steps)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.01, Adam 0.001")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="canonical pretrained checkpoint (default: the cached one)")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02, Adam 0.001")
+    parser.add_argument("--checkpoint", default=None,
+                        help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
+                             "here on first use); default: the shipped one (tinyconv) or the "
+                             "cache's (resnet18)")
     parser.add_argument("--json", type=Path, default=None, help="write the RunRecord here")
 
 
 def run(args) -> int:
     config = RunConfig(arch=args.arch, strategy=args.strategy, steps=args.steps,
                        optimizer=args.optimizer, learning_rate=args.lr,
-                       checkpoint=str(args.checkpoint) if args.checkpoint else None)
+                       checkpoint=args.checkpoint)
     train = frameworks.load(args.framework, "train")
     start = time.perf_counter()
     record = train.run(config)
