@@ -114,9 +114,9 @@ HAZARDS: dict[str, HazardKind] = {
         "(model.compile(optimizer=type(opt).from_config(opt.get_config()), ...))"),
     "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES": HazardKind(
         "tf",
-        "the optimizer was built for a different set of trainable variables than the model has "
-        "now (recompiled with the same optimizer instance): the next fit or apply_gradients "
-        "fails with 'Unknown variable' or skips variables",
+        "trainable variables the optimizer was not built for (unfrozen, then recompiled with "
+        "the same optimizer instance): the next fit or apply_gradients fails with 'Unknown "
+        "variable' (freezing, then reusing the optimizer, is harmless)",
         "compile with a NEW optimizer instance after changing trainable"),
 }
 

@@ -293,11 +293,33 @@ def test_audit_tf_trainable_changed_after_fit_flagged_and_fixed_by_apply_strateg
     assert tf_audit.audit(tf_apply(model, "frozen")).ok  # recompiles with a fresh optimizer
 
 
-def test_audit_tf_recompile_with_same_optimizer_flagged():
+def test_audit_tf_freeze_then_recompile_with_same_optimizer_no_hazard():
+    # harmless (test_keras_recompile_same_optimizer_after_freeze_is_accepted): the next fit
+    # trains the head and leaves the base as it is
     model = _compile_fit(tf_build("tinyconv", CLASSES))
     model.base.trainable = False
     model.compile(optimizer=model.optimizer, loss=model.loss)
-    assert tf_audit.audit(model).codes() == ["KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES"]
+    report = tf_audit.audit(model)
+    assert report.ok, report.hazard_lines()
+    kernel = model.base.block1.conv.kernel.numpy()
+    head = model.head.fc.kernel.numpy()
+    model.fit(_images_tf(), _labels(), batch_size=N, epochs=1, verbose=0, shuffle=False)
+    assert np.array_equal(kernel, model.base.block1.conv.kernel.numpy())
+    assert not np.array_equal(head, model.head.fc.kernel.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_audit_tf_unfreeze_then_recompile_with_same_optimizer_flagged():
+    model = tf_build("tinyconv", CLASSES)
+    model.base.trainable = False
+    _compile_fit(model)  # optimizer built for the head only
+    model.base.trainable = True
+    model.compile(optimizer=model.optimizer, loss=model.loss)
+    report = tf_audit.audit(model)
+    assert report.codes() == ["KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES"]
+    assert report.hazards[0].layer == "base"
+    with pytest.raises(ValueError, match="Unknown variable"):  # what the hazard predicts
+        model.fit(_images_tf(), _labels(), batch_size=N, epochs=1, verbose=0, shuffle=False)
 
 
 @pytest.mark.slow
