@@ -213,10 +213,13 @@ def _cell(value: bool | None) -> str:
 class FrozenTensorChanged(AssertionError):
     """Tensors that had to stay fixed changed inside ``freeze_guard``."""
 
-    def __init__(self, changes: Sequence[tuple[str, float]], framework: str = ""):
+    def __init__(self, changes: Sequence[tuple[str, float]], framework: str = "",
+                 reasons: Mapping[str, str] | None = None):
         self.changes = list(changes)
+        # name -> why it counts as changed when not by value ("vanished", "shape ... -> ...")
+        self.reasons = dict(reasons or {})
         where = f" [{framework}]" if framework else ""
-        listing = "; ".join(f"{name} (max abs change {change:.6g})"
+        listing = "; ".join(f"{name} ({self.reasons.get(name) or f'max abs change {change:.6g}'})"
                             for name, change in self.changes)
         super().__init__(f"freeze_guard{where}: {len(self.changes)} frozen tensor"
                          f"{'s' if len(self.changes) != 1 else ''} changed: {listing}")

@@ -170,6 +170,13 @@ def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy().copy() for name, t in tensors.items()}
 
 
+def _by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under its name, as the model holds them now."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
 @contextlib.contextmanager
 def freeze_guard(model: nn.Module) -> Iterator[list[str]]:
     """Raise :class:`FrozenTensorChanged` if the block changes a tensor that must stay fixed.
@@ -177,14 +184,29 @@ def freeze_guard(model: nn.Module) -> Iterator[list[str]]:
     Guarded: parameters with ``requires_grad=False``; the running statistics
     and ``num_batches_tracked`` of every BatchNorm that is frozen or that
     ``model.train()`` leaves in eval mode; FrozenBatchNorm2d buffers. Decided
-    on entry, compared bit for bit on exit. Yields the guarded names.
+    on entry; on exit the model's tensors are read again *by name* (so a
+    buffer rebound with ``bn.running_mean = ...``, a ``model.to(...)`` or a
+    ``load_state_dict(..., assign=True)`` is seen, not the stale objects of
+    entry) and compared bit for bit, dtype included; a guarded name that
+    vanished or changed shape is named as such. Yields the guarded names.
     """
     tensors = _guarded(model)
     before = _snapshot(tensors)
+    dtypes = {name: t.dtype for name, t in tensors.items()}
     yield list(tensors)
-    changes = snapshot_diff(before, _snapshot(tensors))
+    now = _by_name(model)
+    after = _snapshot({name: now[name] for name in before if name in now})
+    reasons = {name: "vanished" for name in before if name not in now}
+    reasons.update({name: f"shape {tuple(before[name].shape)} -> {tuple(after[name].shape)}"
+                    for name in after if after[name].shape != before[name].shape})
+    changes = snapshot_diff(before, after)
+    for name in after:
+        if name not in reasons and now[name].dtype != dtypes[name]:
+            reasons[name] = f"dtype {dtypes[name]} -> {now[name].dtype}"
+            if name not in dict(changes):
+                changes.append((name, 0.0))
     if changes:
-        raise FrozenTensorChanged(changes, "torch")
+        raise FrozenTensorChanged(changes, "torch", reasons)
 
 
 def train_eval_losses(model: nn.Module, batch, loss_fn) -> tuple[float, float]:
