@@ -75,6 +75,14 @@ HAZARDS: dict[str, HazardKind] = {
         "requires_grad=False does not change a module's mode",
         "pin that part to eval mode in an overridden train(), or set the dropout probability "
         "to 0 there"),
+    "TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN": HazardKind(
+        "torch",
+        "stochastic depth (torchvision.ops.StochasticDepth, timm's DropPath, or any "
+        "parameter-free module whose output differs between train and eval mode) inside a "
+        "frozen part still drops residual branches in model.train(): two passes of the same "
+        "input differ",
+        "pin that part to eval mode in an overridden train(), or build it with a stochastic "
+        "depth probability of 0"),
     "TORCH_OPTIMIZER_FROZEN_PARAMS": HazardKind(
         "torch",
         "the optimizer holds requires_grad=False parameters in a param group with weight decay "
