@@ -115,7 +115,9 @@ def run(args) -> int:
     configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
                                optimizer=args.optimizer, learning_rate=args.lr)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
-    out = ensure_writable_dir(args.out, "--out directory")
+    from shared.report import check_report_dir
+
+    out = ensure_writable_dir(check_report_dir(args.out), "--out directory")
     checkpoint = (str(args.checkpoint) if args.checkpoint is not None
                   else pretrained_checkpoint(args.arch))
     configs = {name: RunConfig(**{**config.__dict__, "checkpoint": checkpoint})
