@@ -11,13 +11,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import shared.explain as ex
 from shared import frameworks
-from shared.pretrain import ensure_checkpoint
 from shared.record import RunConfig
 from shared.tolerances import SAME_FRAMEWORK_ATOL, STEP_LOSS_ATOL, STEP_LOSS_RTOL, TRAP_MIN_GAP
 
@@ -93,9 +93,9 @@ def test_batch_slices_last_batch_smaller():
 # measured in both frameworks
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> str:
-    # the same directory as tests/test_compare_cli.py's cache: pretrained once per session
-    return str(ensure_checkpoint("tinyconv", cache=tmp_path_factory.getbasetemp() / "fp-cache"))
+def checkpoint(tinyconv_checkpoint) -> str:
+    # the session's one pretraining cache (tests/conftest.py)
+    return str(tinyconv_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -251,16 +251,16 @@ def test_decompose_function_matches_measurement(measure, checkpoint):
     assert d == ex.decompose(measure("torch", "frozen"))
 
 
-def _cache_env(tmp_path_factory) -> dict[str, str]:
-    return {**os.environ, "FREEZE_PARITY_CACHE": str(tmp_path_factory.getbasetemp() / "fp-cache")}
+def _cache_env(checkpoint: str) -> dict[str, str]:
+    return {**os.environ, "FREEZE_PARITY_CACHE": str(Path(checkpoint).parent)}
 
 
 @pytest.mark.slow
-def test_explain_cli_json_torch(checkpoint, tmp_path_factory):
+def test_explain_cli_json_torch(checkpoint):
     proc = subprocess.run(
         [sys.executable, "-m", "shared.cli", "explain", "--framework", "torch", "--json",
          "--examples", str(EXAMPLES)],
-        capture_output=True, text=True, env=_cache_env(tmp_path_factory), timeout=300,
+        capture_output=True, text=True, env=_cache_env(checkpoint), timeout=300,
         check=False)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -275,10 +275,15 @@ def test_explain_cli_json_torch(checkpoint, tmp_path_factory):
     (["--strategies", "frozen,nope"], "unknown strategy 'nope'"),
     (["--framework", "jax"], "invalid choice: 'jax'"),
 ])
-def test_explain_cli_bad_input_exit_2_one_line(tmp_path_factory, argv, message):
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "explain", *argv],
-                          capture_output=True, text=True, env=_cache_env(tmp_path_factory),
-                          timeout=120, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+def test_explain_cli_bad_input_exit_2_one_line(checkpoint, monkeypatch, capsys, argv, message):
+    """In process (shared.cli.main, what the console script runs): the raw stderr line."""
+    from shared import cli
+
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(Path(checkpoint).parent))
+    try:
+        status = cli.main(["explain", *argv])
+    except SystemExit as exit_:  # argparse's own errors exit from parse_args
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
