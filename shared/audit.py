@@ -75,6 +75,14 @@ HAZARDS: dict[str, HazardKind] = {
         "requires_grad=False does not change a module's mode",
         "pin that part to eval mode in an overridden train(), or set the dropout probability "
         "to 0 there"),
+    "TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN": HazardKind(
+        "torch",
+        "stochastic depth (torchvision.ops.StochasticDepth, timm's DropPath, or any "
+        "parameter-free module whose output differs between train and eval mode) inside a "
+        "frozen part still drops residual branches in model.train(): two passes of the same "
+        "input differ",
+        "pin that part to eval mode in an overridden train(), or build it with a stochastic "
+        "depth probability of 0"),
     "TORCH_OPTIMIZER_FROZEN_PARAMS": HazardKind(
         "torch",
         "the optimizer holds requires_grad=False parameters in a param group with weight decay "
@@ -114,9 +122,9 @@ HAZARDS: dict[str, HazardKind] = {
         "(model.compile(optimizer=type(opt).from_config(opt.get_config()), ...))"),
     "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES": HazardKind(
         "tf",
-        "the optimizer was built for a different set of trainable variables than the model has "
-        "now (recompiled with the same optimizer instance): the next fit or apply_gradients "
-        "fails with 'Unknown variable' or skips variables",
+        "trainable variables the optimizer was not built for (unfrozen, then recompiled with "
+        "the same optimizer instance): the next fit or apply_gradients fails with 'Unknown "
+        "variable' (freezing, then reusing the optimizer, is harmless)",
         "compile with a NEW optimizer instance after changing trainable"),
 }
 
@@ -213,10 +221,13 @@ def _cell(value: bool | None) -> str:
 class FrozenTensorChanged(AssertionError):
     """Tensors that had to stay fixed changed inside ``freeze_guard``."""
 
-    def __init__(self, changes: Sequence[tuple[str, float]], framework: str = ""):
+    def __init__(self, changes: Sequence[tuple[str, float]], framework: str = "",
+                 reasons: Mapping[str, str] | None = None):
         self.changes = list(changes)
+        # name -> why it counts as changed when not by value ("vanished", "shape ... -> ...")
+        self.reasons = dict(reasons or {})
         where = f" [{framework}]" if framework else ""
-        listing = "; ".join(f"{name} (max abs change {change:.6g})"
+        listing = "; ".join(f"{name} ({self.reasons.get(name) or f'max abs change {change:.6g}'})"
                             for name, change in self.changes)
         super().__init__(f"freeze_guard{where}: {len(self.changes)} frozen tensor"
                          f"{'s' if len(self.changes) != 1 else ''} changed: {listing}")

@@ -46,7 +46,10 @@ process with nothing run (framework imported, data and checkpoint loaded);
 the tf process also holds torch, which ``tf_impl`` imports first.
 
 Threads. By default each framework keeps its own thread pools, as users get
-them. On a small shared machine torch's OpenMP pool (one thread per core)
+them, except that every timed task, bare loop and probes included, runs under
+the thread setting of the project's ``train.run`` (``run_threads``: one
+intra-op thread in torch, TensorFlow's process-wide pools), so the loop/bare
+ratio compares like with like; ``--threads`` changes both paths together. On a small shared machine torch's OpenMP pool (one thread per core)
 stalls whenever another process holds a core: an op waits for a descheduled
 peer thread, so torch timings swing by up to 10x between repeats (a tinyconv
 forward measured 8.7 ms on one thread, 140 ms on two, with a load average of
@@ -290,10 +293,14 @@ class _Session:
     def time(self, name: str) -> float:
         work = self.task(name)  # set-up (model building, tracing probes) is not timed
         gc.collect()
-        start = time.perf_counter()
-        work()
-        self.impl.synchronize()
-        return time.perf_counter() - start
+        # every task under the thread setting train.run uses (torch: RUN_THREADS intra-op
+        # threads), so the bare loop and the probes are compared with the project path like
+        # with like
+        with self.train.run_threads():
+            start = time.perf_counter()
+            work()
+            self.impl.synchronize()
+            return time.perf_counter() - start
 
 
 def _reply(channel, message: dict) -> None:

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, OSError) as exc:
         if os.environ.get("FREEZE_PARITY_DEBUG"):
             raise
-        message = " ".join(str(exc).split())
-        print(f"freeze-parity {args.command}: error: {message}", file=sys.stderr)
+        # printed as raised: the code that raises writes one line (tests check the raw stderr)
+        print(f"freeze-parity {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"freeze-parity {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,8 @@
 :func:`prepare` gives both frameworks the same starting tensors (pretrained
 base + canonical head), the same batches in the same order and the same
 held-out split; :func:`finish` turns the tensors before and after the run
-into the record's frozen-tensor and BatchNorm verdicts.
+into the record's frozen-tensor and BatchNorm verdicts and the list of
+tensors that moved.
 """
 
 from __future__ import annotations
@@ -84,4 +85,5 @@ def finish(framework: str, config: RunConfig, steps: list[StepRecord], heldout: 
         frozen_unchanged=not frozen_changes, bn_stats_changed=bool(stat_changes),
         frozen_changes=frozen_changes,
         bn_stats_max_change=max(stat_changes.values(), default=0.0),
+        moved=tensor_changes(before, after, sorted(before)),
     )

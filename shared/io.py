@@ -15,7 +15,8 @@ from pathlib import Path
 
 from shared.errors import UsageError
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "ensure_writable_dir"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "check_output_file",
+           "ensure_writable_dir"]
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
@@ -27,6 +28,15 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory")
         raise UsageError(f"{what} {path}: cannot create it ({exc.strerror or exc})") from None
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: not a writable directory")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """UsageError (one line) unless ``path`` can be written as a file; its directory is made."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path}: is a directory, expected a file path")
+    ensure_writable_dir(path.parent if str(path.parent) else Path("."), f"{what} directory")
     return path
 
 

@@ -26,7 +26,8 @@ OPTIMIZERS = ("sgd", "adam")
 # target accuracy 0.48-0.92 by strategy), small enough that `full` stays stable (at 0.03
 # the two frameworks' float32 runs ended 0.34 apart, against 0.06 at 0.02).
 DEFAULT_LEARNING_RATE = {"sgd": 0.02, "adam": 0.001}
-RECORD_VERSION = 1
+# 2: records carry `moved` (every tensor that changed over the run, not only declared-frozen ones)
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class RunRecord:
     frozen_changes: dict[str, float] = field(default_factory=dict)
     # largest absolute change of any BatchNorm running statistic over the run
     bn_stats_max_change: float = 0.0
+    # every tensor of the model (base, head, statistics, counters) that changed over the
+    # run -> its largest absolute change; what did train, to check against the strategy
+    moved: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         check_framework(self.framework)
@@ -157,6 +161,7 @@ class RunRecord:
                 bn_stats_changed=bool(data["bn_stats_changed"]),
                 frozen_changes={str(k): float(v) for k, v in data["frozen_changes"].items()},
                 bn_stats_max_change=float(data["bn_stats_max_change"]),
+                moved={str(k): float(v) for k, v in data["moved"].items()},
             )
         except KeyError as exc:
             raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None

@@ -17,12 +17,14 @@ import io
 import json
 import math
 import os
-from contextlib import ExitStack
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.compare import Comparison, compare_records, expectation_failures
-from shared.io import atomic_path
+from shared.errors import UsageError
+from shared.io import ensure_writable_dir
 from shared.record import RunRecord
 from shared.strategies import get_strategy
 
@@ -33,6 +35,7 @@ __all__ = [
     "Column",
     "Report",
     "build_report",
+    "check_report_dir",
     "figure_size",
     "format_cell",
     "render_figure",
@@ -300,28 +303,72 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
 
 
 def write_reports(report: Report, out: str | Path) -> dict[str, Path]:
-    """Write report.md, report.json and figure.png into ``out``, all or none.
+    """Write report.md, report.json and figure.png as the directory ``out``, all or none.
 
-    Everything is rendered first; each file goes to a temporary file beside its
-    destination, and only when all three are complete are they renamed into place
-    (a failure leaves the previous reports, if any, untouched and no temp files).
+    Everything is rendered first and written into a new directory beside
+    ``out``; only when all three files are complete is that directory swapped
+    in (the previous ``out`` is renamed aside, the new one renamed into place,
+    then the old one removed; if the second rename fails the old one is put
+    back). A reader never sees a mix of old and new files, and a failure
+    leaves the previous reports, if any, untouched and nothing temporary.
+    ``out`` belongs to the reports: a directory holding other files is refused.
     """
-    out = Path(out)
+    out = check_report_dir(out)
     contents = {"report.md": render_markdown(report).encode(),
                 "report.json": render_json(report).encode(),
                 "figure.png": render_figure(report)}
-    paths = {name: out / name for name in REPORT_FILES}
-    mode = _file_mode()
-    with ExitStack() as stack:
+    parent = ensure_writable_dir(out.parent if str(out.parent) else Path("."), "directory")
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
+    try:
         for name in REPORT_FILES:
-            tmp = stack.enter_context(atomic_path(paths[name]))
-            tmp.write_bytes(contents[name])
-            tmp.chmod(mode)  # temp files are created 0600; reports are ordinary files
-    return paths
+            with open(new / name, "wb") as fh:
+                fh.write(contents[name])
+                fh.flush()
+                os.fsync(fh.fileno())
+            (new / name).chmod(_file_mode())  # what open(path, "w") would give
+        new.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; reports are an ordinary directory
+        _swap_in(new, out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    return {name: out / name for name in REPORT_FILES}
+
+
+def check_report_dir(out: str | Path) -> Path:
+    """``out`` as a Path if :func:`write_reports` may replace it; UsageError (one line) if not."""
+    out = Path(out)
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if others:
+            raise UsageError(f"report directory {out}: holds {others[0]!r} besides the reports "
+                             f"({len(others)} other entr{'y' if len(others) == 1 else 'ies'}); "
+                             "give reports a directory of their own")
+    elif out.exists() or out.is_symlink():
+        raise UsageError(f"report directory {out}: exists and is not a directory")
+    return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename directory ``new`` to ``out``, replacing an existing ``out`` (restored on failure)."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)  # only the unique name is needed
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _file_mode() -> int:
     """What ``open(path, "w")`` would give: 0o666 less the process umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()

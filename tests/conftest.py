@@ -13,10 +13,10 @@ the CLI's do; the tests that pretrain make their own.
 import os
 import tempfile
 
-import pytest
-
+import torch_impl  # noqa: F401, I001  (must precede tf_impl / tensorflow / keras)
 import tf_impl  # noqa: F401
-import torch_impl  # noqa: F401  (must precede tf_impl / tensorflow / keras)
+
+import pytest
 
 os.environ["FREEZE_PARITY_CACHE"] = tempfile.mkdtemp(prefix="freeze-parity-test-cache-")
 

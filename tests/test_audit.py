@@ -171,6 +171,101 @@ def test_audit_torch_dropout_in_frozen_part_flagged():
     assert report.hazards[0].layers == ("0.1",)
 
 
+class DropPath(nn.Module):
+    """timm-style stochastic depth, written here (timm is not a dependency)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class _Residual(nn.Module):
+    def __init__(self, drop):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop = drop
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+class RandomBranchSkip(DropPath):
+    """The same mechanism under a name no audit knows: found by behaviour only."""
+
+
+def _residual_net(drop) -> nn.Module:
+    net = nn.Sequential(_Residual(drop), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 4, 4, 4))
+    net[0].requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("drop", [DropPath(0.2), RandomBranchSkip(0.2),
+                                  torchvision.ops.StochasticDepth(0.2, "row")],
+                         ids=["DropPath", "by-behaviour", "StochasticDepth"])
+def test_audit_torch_stochastic_depth_in_frozen_part_flagged(drop):
+    net = _residual_net(drop)
+    x = torch.randn(8, 4, 4, 4)
+    net.train()
+    assert not torch.equal(net[0](x), net[0](x))  # two passes differ: the frozen part drops
+    report = torch_audit.audit(net)
+    assert report.codes() == ["TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN"]
+    assert report.hazards[0].layers == ("0.drop",)
+    row = next(r for r in report.rows if r.name == "0.drop")
+    assert row.kind == type(drop).__name__ and row.dropout_active is True
+    assert not any(r.name == "1" for r in report.rows)  # ReLU: mode-independent, no row
+    assert net.training and all(m.training for m in net.modules())  # flags kept
+
+
+def test_audit_torch_stochastic_depth_off_or_trainable_not_flagged():
+    assert torch_audit.audit(_residual_net(DropPath(0.0))).ok
+    net = _residual_net(torchvision.ops.StochasticDepth(0.2, "row"))
+    net.requires_grad_(True)  # the part trains: dropping is regularisation, not a hazard
+    assert torch_audit.audit(net).ok
+
+
+class _PinnedEfficientNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = torchvision.models.efficientnet_b0(
+            weights=None, norm_layer=torchvision.ops.FrozenBatchNorm2d).features
+        self.base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+
+def test_audit_torch_efficientnet_b0_frozen_base_stochastic_depth_flagged():
+    model = torchvision.models.efficientnet_b0(weights=None,
+                                               norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    model.features.requires_grad_(False)  # BN frozen by type; only stochastic depth is left
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(model.features(x), model.features(x))
+    report = torch_audit.audit(model)
+    assert report.codes() == ["TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN"]
+    assert len(report.hazards[0].layers) == 15  # one per MBConv block after the first
+    assert all(name.endswith("stochastic_depth") for name in report.hazards[0].layers)
+    pinned = _PinnedEfficientNet()
+    assert torch_audit.audit(pinned).ok
+    pinned.train()
+    with torch.no_grad():
+        assert torch.equal(pinned(x), pinned(x))
+
+
 class _PinnedResNet(nn.Module):
     """A user's wrapper that keeps its frozen torchvision base in eval mode via train()."""
 
@@ -293,11 +388,33 @@ def test_audit_tf_trainable_changed_after_fit_flagged_and_fixed_by_apply_strateg
     assert tf_audit.audit(tf_apply(model, "frozen")).ok  # recompiles with a fresh optimizer
 
 
-def test_audit_tf_recompile_with_same_optimizer_flagged():
+def test_audit_tf_freeze_then_recompile_with_same_optimizer_no_hazard():
+    # harmless (test_keras_recompile_same_optimizer_after_freeze_is_accepted): the next fit
+    # trains the head and leaves the base as it is
     model = _compile_fit(tf_build("tinyconv", CLASSES))
     model.base.trainable = False
     model.compile(optimizer=model.optimizer, loss=model.loss)
-    assert tf_audit.audit(model).codes() == ["KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES"]
+    report = tf_audit.audit(model)
+    assert report.ok, report.hazard_lines()
+    kernel = model.base.block1.conv.kernel.numpy()
+    head = model.head.fc.kernel.numpy()
+    model.fit(_images_tf(), _labels(), batch_size=N, epochs=1, verbose=0, shuffle=False)
+    assert np.array_equal(kernel, model.base.block1.conv.kernel.numpy())
+    assert not np.array_equal(head, model.head.fc.kernel.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_audit_tf_unfreeze_then_recompile_with_same_optimizer_flagged():
+    model = tf_build("tinyconv", CLASSES)
+    model.base.trainable = False
+    _compile_fit(model)  # optimizer built for the head only
+    model.base.trainable = True
+    model.compile(optimizer=model.optimizer, loss=model.loss)
+    report = tf_audit.audit(model)
+    assert report.codes() == ["KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES"]
+    assert report.hazards[0].layer == "base"
+    with pytest.raises(ValueError, match="Unknown variable"):  # what the hazard predicts
+        model.fit(_images_tf(), _labels(), batch_size=N, epochs=1, verbose=0, shuffle=False)
 
 
 @pytest.mark.slow

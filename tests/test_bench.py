@@ -180,3 +180,39 @@ def test_bench_resnet18_bare_loop_and_probes_run(framework, tmp_path):
     impl = load(framework, "bench")
     assert math.isfinite(impl.bare_train(prepared, "frozen")(1))
     impl.record_probe(prepared, "feature_extraction")(1)
+
+
+@pytest.mark.parametrize("threads", [None, 2], ids=["default", "threads-2"])
+def test_bench_bare_loop_and_project_run_use_the_same_torch_threads(tinyconv_checkpoint,
+                                                                    monkeypatch, threads):
+    """Like with like: the threads torch computes with inside a timed bare loop and inside a
+    timed train.run are the same, by default and with --threads."""
+    import torch
+
+    from torch_impl import train as torch_train
+
+    monkeypatch.setattr(torch_train, "RUN_THREADS", torch_train.RUN_THREADS)  # restored after
+    seen: dict[str, set[int]] = {}
+    task = ["?"]
+    real = torch.nn.functional.cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.setdefault(task[0], set()).add(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    previous = torch.get_num_threads(), torch.get_num_interop_threads()
+    session = bench._Session("torch", {"threads": None, "arch": "tinyconv", "long_steps": 4,
+                                       "checkpoint": str(tinyconv_checkpoint),
+                                       "pretrain_epochs": 1})
+    if threads is not None:  # what the worker does for --threads (interop is fixed once set)
+        monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+        session.impl.set_threads(threads)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    try:
+        for name in ("bare/frozen/2", "run/frozen/2"):
+            task[0] = name.split("/")[0]
+            session.time(name)
+    finally:
+        torch.set_num_threads(previous[0])
+    assert seen["bare"] == seen["run"] == {threads or 1}, seen
+    assert session.impl.info()["run_threads"] == (threads or 1)

@@ -187,7 +187,26 @@ def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
     (["--out", "{file}/reports"], "--out directory"),
 ], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "missing-ckpt",
         "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable"])
-def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv, message):
+def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, monkeypatch, capsys,
+                                                           argv, message):
+    """In process (shared.cli.main, what the console script runs): the raw stderr line."""
+    from shared import cli
+
+    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(cache))
+    argv, out = _bad_argv(argv, tmp_path, cache)
+    try:
+        status = cli.main(["compare", *argv])
+    except SystemExit as exit_:  # argparse's own errors exit from parse_args
+        status = exit_.code
+    captured = capsys.readouterr()
+    assert status == 2, captured.out + captured.err
+    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert captured.err.startswith("freeze-parity compare: error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not out.exists() or list(out.iterdir()) == []  # no partial report
+
+
+def _bad_argv(argv, tmp_path, cache):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
     names = {"tmp": str(tmp_path), "file": str(a_file)}
@@ -198,12 +217,18 @@ def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv
     out = tmp_path / "reports"
     defaults = {"--steps": str(STEPS), "--out": str(out)}
     argv += [arg for flag, value in defaults.items() if flag not in argv for arg in (flag, value)]
+    return argv, out
+
+
+def test_compare_subprocess_bad_checkpoint_exit_2_one_raw_line(cache, tmp_path):
+    """The real process, for the case raised after the framework imports: one raw line."""
+    argv, out = _bad_argv(["--checkpoint", "{wrong-shape}"], tmp_path, cache)
     proc = _compare(cache, *argv)
-    lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("freeze-parity compare: error: ")
+    assert "key 'base.block1.conv.weight': shape expected (16, 3, 3, 3)" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert not out.exists() or list(out.iterdir()) == []  # no partial report
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_compare_says_when_it_pretrains(tmp_path, monkeypatch, capsys):

@@ -121,3 +121,71 @@ def test_freeze_guard_tf_naive_legacy_bn_silent():
     model = _compile(tf_apply(tf_build("tinyconv", CLASSES, norm_layer=norm), "naive"))
     with tf_audit.freeze_guard(model):
         _fit_tf(model)
+
+
+# --- torch: tensors replaced inside the block, read again by name on exit -----------------------
+
+def test_freeze_guard_torch_rebound_running_mean_raises():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "frozen")
+    bn = model.base.block1.bn
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        bn.running_mean = bn.running_mean + 1.0  # a new tensor object under the same name
+    assert dict(caught.value.changes) == {"base.block1.bn.running_mean": 1.0}
+
+
+def test_freeze_guard_torch_model_to_float64_then_naive_step_raises():
+    # .to() rebinds every buffer: the entry objects stay untouched while the new ones move
+    model = torch_apply(torch_build("tinyconv", CLASSES), "naive")
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        model.to(torch.float64)
+        x, y = _batch_torch()
+        model.train()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x.double()), y).backward()
+        optimizer.step()
+    changed = dict(caught.value.changes)
+    assert "base.block1.bn.running_mean" in changed and changed["base.block1.bn.running_mean"] > 0
+    assert caught.value.reasons["base.block1.conv.weight"] == "dtype torch.float32 -> torch.float64"
+
+
+def test_freeze_guard_torch_load_state_dict_assign_raises():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "frozen")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["base.block2.conv.weight"] = state["base.block2.conv.weight"] * 2.0
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        model.load_state_dict(state, assign=True)
+    assert set(dict(caught.value.changes)) == {"base.block2.conv.weight"}
+
+
+def test_freeze_guard_torch_vanished_and_reshaped_tensors_named():
+    model = torch_apply(torch_build("tinyconv", CLASSES), "frozen")
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(model):
+        model.base.block3.bn = nn.Identity()
+        model.base.block2.conv.weight = nn.Parameter(torch.zeros(1), requires_grad=False)
+    reasons = caught.value.reasons
+    assert reasons["base.block3.bn.running_var"] == "vanished"
+    assert reasons["base.block3.bn.weight"] == "vanished"
+    assert reasons["base.block2.conv.weight"] == "shape (32, 16, 3, 3) -> (1,)"
+    assert "base.block3.bn.running_var (vanished)" in str(caught.value)
+    assert "base.block2.conv.weight (shape (32, 16, 3, 3) -> (1,))" in str(caught.value)
+
+
+def _frozen_bn_net() -> nn.Module:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 8, 8))
+    net[0].requires_grad_(False)
+    return net
+
+
+def test_freeze_guard_torch_frozen_batchnorm_buffers_guarded_in_place_and_rebound():
+    net = _frozen_bn_net()
+    with torch_audit.freeze_guard(net) as watched:
+        pass
+    assert {"1.weight", "1.bias", "1.running_mean", "1.running_var"} <= set(watched)
+    with pytest.raises(FrozenTensorChanged) as caught, torch_audit.freeze_guard(net):
+        net[1].running_var.mul_(2.0)  # in place
+        net[1].weight = torch.full((4,), 3.0)  # rebound
+    assert dict(caught.value.changes) == {"1.running_var": 1.0, "1.weight": 2.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -17,6 +18,7 @@ from table_cells import parse_table
 
 from shared import report as rep
 from shared import tolerances as tol
+from shared.errors import UsageError
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.strategies import STRATEGIES
 
@@ -147,36 +149,91 @@ def test_figure_png_has_one_panel_per_strategy(count):
 
 
 def test_write_reports_writes_three_files_and_no_temp_files(tmp_path, all_ok):
-    paths = rep.write_reports(all_ok, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(rep.REPORT_FILES)
+    out = tmp_path / "latest"
+    paths = rep.write_reports(all_ok, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(rep.REPORT_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary directory left
     assert json.loads(paths["report.json"].read_text()) == json.loads(rep.render_json(all_ok))
     assert Image.open(paths["figure.png"]).info["panels"] == str(len(STRATEGIES))
+    assert oct(paths["report.md"].stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _contents(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
 def test_write_reports_failure_leaves_previous_reports_untouched(tmp_path, all_ok, monkeypatch):
-    rep.write_reports(all_ok, tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "latest"
+    rep.write_reports(all_ok, out)
+    before = _contents(out)
 
     def broken(report, dpi=100):
         raise RuntimeError("figure failed")
 
     monkeypatch.setattr(rep, "render_figure", broken)
     with pytest.raises(RuntimeError, match="figure failed"):
-        rep.write_reports(_report([_pair("frozen")]), tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        rep.write_reports(_report([_pair("frozen")]), out)
+    assert _contents(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
 
 
-def test_write_reports_failure_midway_writes_nothing(tmp_path, all_ok, monkeypatch):
-    real = rep.atomic_path
-    calls = []
+def test_write_reports_failure_while_writing_a_file_writes_nothing(tmp_path, all_ok, monkeypatch):
+    real_open = open
+    opened = []
 
-    def failing_third(path):
-        calls.append(path)
-        if len(calls) == len(rep.REPORT_FILES):
-            raise OSError("disk full")
-        return real(path)
+    def failing_third(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(rep.REPORT_FILES):
+            opened.append(path)
+            if len(opened) == len(rep.REPORT_FILES):
+                raise OSError("disk full")
+        return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(rep, "atomic_path", failing_third)
+    monkeypatch.setattr("builtins.open", failing_third)
     with pytest.raises(OSError, match="disk full"):
-        rep.write_reports(all_ok, tmp_path)
+        rep.write_reports(all_ok, tmp_path / "latest")
+    assert len(opened) == len(rep.REPORT_FILES)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_write_reports_failure_between_file_renames_keeps_old_set(tmp_path, all_ok, monkeypatch,
+                                                                 failing_call):
+    """Whatever rename fails (of a file or a directory), the old set stays whole."""
+    out = tmp_path / "latest"
+    rep.write_reports(_report([_pair("frozen")]), out)
+    before = _contents(out)
+    calls = []
+    real_replace, real_rename = os.replace, os.rename
+
+    def counted(real):
+        def call(src, dst, *args, **kwargs):
+            calls.append((src, dst))
+            if len(calls) == failing_call:
+                raise OSError("rename failed")
+            return real(src, dst, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    monkeypatch.setattr(os, "rename", counted(real_rename))
+    with pytest.raises(OSError, match="rename failed"):
+        rep.write_reports(all_ok, out)
+    monkeypatch.undo()
+    assert _contents(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_write_reports_refuses_a_directory_with_other_files(tmp_path, all_ok):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"holds 'notes\.txt' besides the reports"):
+        rep.write_reports(all_ok, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="exists and is not a directory"):
+        rep.write_reports(all_ok, tmp_path / "file")

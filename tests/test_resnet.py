@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import torch
 import torchvision
+from strategy_oracle import resnet_moved_by_one_step
 from torch import nn
 
 from shared.archs import ResNet18Config, keras_momentum
@@ -316,10 +317,13 @@ def test_resnet18_strategy_freezes_exactly_declared_keys(framework, strategy, st
     expect = get_strategy(strategy).expectation(framework)
     label = f"{strategy}[{framework}]"
     assert (not stats <= unchanged) == expect.bn_stats_changed, f"{label}: BN statistics"
+    # the hand-written oracle (tests/strategy_oracle.py), not frozen_keys/last_block
+    moved, oracle = set(weights) - unchanged, resnet_moved_by_one_step(strategy, framework)
+    assert moved == oracle, (f"{label}: expected to move but unchanged {sorted(oracle - moved)[:3]}; "
+                             f"moved but must stay bit-identical {sorted(moved - oracle)[:3]}")
     if expect.frozen_unchanged:
-        assert unchanged == declared, (f"{label}: declared frozen but changed "
-                                       f"{sorted(declared - unchanged)[:3]}; unchanged but not "
-                                       f"declared {sorted(unchanged - declared)[:3]}")
+        assert unchanged == declared | (set(weights) - oracle - declared), label
+        assert not declared & moved, label
     else:  # torch's naive mistake: gradients off, statistics still move
         assert declared - unchanged and declared - unchanged <= stats, label
         assert unchanged == declared - stats, label

@@ -197,3 +197,78 @@ def test_run_config_rejects_bad_values():
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         RunConfig(batch_size=1)
     assert RunConfig(optimizer="adam").learning_rate == 0.001
+
+
+# --- the feature cache itself, head dropout, held-out-only differences -------------------------
+
+CACHE_IMAGES = 300  # more than one of the cache's 256-image chunks
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_feature_cache_is_the_base_in_inference_mode_not_training_mode(tinyconv_checkpoint,
+                                                                       framework):
+    """What feature_extraction trains on: the base's inference-mode features of the target
+    images (computed here at once, on a model no strategy touched); BN on batch statistics
+    would give other features, so a cache made in training mode fails."""
+    from shared import data, frameworks
+    from shared.checkpoint import load_checkpoint
+    from shared.init import head_init
+
+    tensors, _ = load_checkpoint(tinyconv_checkpoint)
+    initial = {**{k: v for k, v in tensors.items() if k.startswith("base.")}, **head_init(32, 5, 0)}
+    images = data.load_domains(size=32).target_train.images[:CACHE_IMAGES]
+    model_module, train, freeze, weights = (frameworks.load(framework, name) for name in
+                                            ("model", "train", "freeze", "weights"))
+
+    def fresh():
+        model = model_module.build_model("tinyconv", 5)
+        weights.import_weights(model, initial)
+        return model
+
+    if framework == "torch":
+        import torch
+
+        cached = train._features(freeze.apply_strategy(fresh(), "feature_extraction"), images,
+                                 "float32").numpy()
+        reference = fresh()
+        x = torch.from_numpy(data.nhwc_to_nchw(images))
+        with torch.no_grad():
+            inference = reference.eval().base(x).numpy()
+            training = reference.train().base(x).numpy()
+    else:
+        cached = train._features(freeze.apply_strategy(fresh(), "feature_extraction"), images)
+        reference = fresh()
+        inference = np.asarray(reference.base(images, training=False))
+        training = np.asarray(reference.base(images, training=True))
+    assert cached.shape == (CACHE_IMAGES, 32)
+    assert np.allclose(cached, inference, atol=tolerances.FORWARD_ATOL, rtol=tolerances.FORWARD_RTOL)
+    assert np.abs(cached - training).max() > tolerances.TRAP_MIN_GAP
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_head_dropout_gaps_train_eval_only_through_the_head(run_record, framework):
+    from strategy_oracle import HEAD
+
+    dropped = run_record(framework, "frozen", head_dropout=0.5)
+    plain = run_record(framework, "frozen")
+    assert dropped.max_train_eval_gap > tolerances.TRAP_MIN_GAP  # dropout on in training
+    assert plain.max_train_eval_gap <= tolerances.SAME_FRAMEWORK_ATOL
+    # the base is untouched: only the head moved, no statistic changed
+    assert set(dropped.moved) == set(HEAD) and dropped.frozen_unchanged
+    assert not dropped.bn_stats_changed
+    # same pre-update weights at step 0: inference-mode losses agree, dropout or not
+    assert abs(dropped.steps[0].eval_loss - plain.steps[0].eval_loss) <= tolerances.SAME_FRAMEWORK_ATOL
+    assert dropped.heldout[-1].loss < dropped.heldout[0].loss
+
+
+def test_cross_records_differing_only_in_heldout_losses_fail_compare(run_record):
+    tf_record, torch_record = run_record("tf", "frozen"), run_record("torch", "frozen")
+    assert compare_records(tf_record, torch_record).ok
+    shifted = [dataclasses.replace(h, loss=h.loss + 100 * tolerances.STEP_LOSS_ATOL)
+               if h.step == 20 else h for h in torch_record.heldout]
+    result = compare_records(tf_record, dataclasses.replace(torch_record, heldout=shifted))
+    assert result.max_train_diff == compare_records(tf_record, torch_record).max_train_diff
+    assert not result.ok and len(result.failures) == 1
+    assert result.failures[0].startswith("frozen: heldout loss tf vs torch differ by ")
+    assert "at index 2 " in result.failures[0]
+    assert result.max_heldout_diff > 99 * tolerances.STEP_LOSS_ATOL

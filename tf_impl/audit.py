@@ -257,9 +257,14 @@ def _optimizer_hazards(model, optimizer, tree) -> list:
               f"{len(frozen_since)} of them are frozen now, {len(unfrozen_since)} trainable "
               f"variables are new to it")
     traced = own and getattr(model, "train_function", None) is not None
-    code = ("KERAS_TRAINABLE_CHANGED_AFTER_FIT" if traced
-            else "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES")
-    return [make_hazard(code, layers, detail)]
+    if traced:  # the traced step ignores the change in either direction
+        return [make_hazard("KERAS_TRAINABLE_CHANGED_AFTER_FIT", layers, detail)]
+    if not unfrozen_since:
+        # Frozen since the optimizer was built, then recompiled (or stepped) with it: it
+        # updates the subset it is given and keeps the extra slots, which is harmless.
+        return []
+    layers = sorted({owners.get(id(v), v.path) for v in unfrozen_since})
+    return [make_hazard("KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES", layers, detail)]
 
 
 def audit(model, optimizer=None) -> AuditReport:

@@ -54,13 +54,14 @@ def info() -> dict:
             # 0 = TensorFlow's default (one thread per core)
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "device": "cpu"}
+            "run_threads": train.RUN_THREADS, "device": "cpu"}
 
 
 def set_threads(threads: int) -> None:
     """Use ``threads`` threads within and between ops; call before any TensorFlow work."""
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
+    train.RUN_THREADS = threads  # recorded; TensorFlow applies it process-wide
 
 
 def synchronize() -> None:

@@ -9,6 +9,8 @@ gradients). The inference-mode loss at the pre-update weights is taken by
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -29,7 +31,18 @@ from tf_impl.model import (
 )
 from tf_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
 
-__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "BatchLoss", "StepRecorder", "HeadModel"]
+__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "run_threads", "RUN_THREADS",
+           "BatchLoss", "StepRecorder", "HeadModel"]
+
+# TensorFlow's thread pools are fixed when it initialises: runs use whatever the process
+# has (its default, or bench's --threads through tf_impl.bench.set_threads).
+RUN_THREADS = None
+
+
+@contextlib.contextmanager
+def run_threads():
+    """The thread setting runs use; TensorFlow's pools are per process, so nothing to change."""
+    yield
 
 
 def _loss(dtype: str = "float32"):

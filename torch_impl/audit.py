@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
 
 from shared.audit import AuditReport, FrozenTensorChanged, LayerRow, make_hazard, snapshot_diff
 
@@ -26,6 +26,12 @@ __all__ = ["audit", "freeze_guard", "train_eval_losses"]
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 _DROPOUT = nn.modules.dropout._DropoutNd
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+# Stochastic depth drops whole residual branches in training mode like Dropout, but is no
+# nn.Dropout and has no parameters or buffers. Known by type (torchvision) or class name
+# (timm's DropPath, so timm is not imported), any other by behaviour (_mode_dependent).
+_STOCHASTIC_DEPTH = (StochasticDepth,)
+_STOCHASTIC_DEPTH_NAMES = ("DropPath",)
+_PROBE_SHAPE = (8, 4, 4, 4)
 
 
 @contextlib.contextmanager
@@ -63,13 +69,57 @@ def _frozen_part(modules: dict[str, nn.Module], name: str) -> bool:
     return False
 
 
+def _drop_probability(module: nn.Module) -> float | None:
+    """Stochastic depth's drop probability for a known type, else None."""
+    if isinstance(module, _STOCHASTIC_DEPTH):
+        return float(module.p)
+    if type(module).__name__ in _STOCHASTIC_DEPTH_NAMES and hasattr(module, "drop_prob"):
+        return float(module.drop_prob or 0.0)
+    return None
+
+
+@torch.no_grad()
+def _mode_dependent(module: nn.Module) -> bool:
+    """A parameter-free module whose output on a probe differs between train and eval mode.
+
+    The probe runs under a forked, seeded random state and restores the flag; a
+    module that does not accept the probe counts as mode-independent.
+    """
+    training = module.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            x = torch.randn(_PROBE_SHAPE)
+            module.train()
+            train = module(x)
+            module.eval()
+            evaluation = module(x)
+        return (isinstance(train, torch.Tensor) and isinstance(evaluation, torch.Tensor)
+                and (train.shape != evaluation.shape or not torch.equal(train, evaluation)))
+    except Exception:  # noqa: BLE001  (a module the probe cannot run)
+        return False
+    finally:
+        module.training = training
+
+
+def _stochastic(module: nn.Module) -> bool:
+    """Drops in training mode without being an nn.Dropout (stochastic depth and the like)."""
+    if isinstance(module, (_BATCH_NORM, FrozenBatchNorm2d, _DROPOUT)):
+        return False
+    if _drop_probability(module) is not None:
+        return True
+    return (next(module.parameters(recurse=False), None) is None
+            and next(module.buffers(recurse=False), None) is None and _mode_dependent(module))
+
+
 def _leaves(model: nn.Module):
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
             continue
         if (isinstance(module, (_BATCH_NORM, FrozenBatchNorm2d, _DROPOUT))
                 or next(module.parameters(recurse=False), None) is not None
-                or next(module.buffers(recurse=False), None) is not None):
+                or next(module.buffers(recurse=False), None) is not None
+                or _stochastic(module)):
             yield name, module
 
 
@@ -86,6 +136,10 @@ def _row(name: str, module: nn.Module, training: bool) -> LayerRow:
                         updates, None)
     if isinstance(module, _DROPOUT):
         return LayerRow(label, type(module).__name__, params, "-", None, training and module.p > 0)
+    if _stochastic(module):  # a known drop probability, or seen to depend on the mode
+        p = _drop_probability(module)
+        return LayerRow(label, type(module).__name__, params, "-", None,
+                        training and (p is None or p > 0))
     return LayerRow(label, type(module).__name__, params, "-", None, None)
 
 
@@ -136,8 +190,10 @@ def audit(model: nn.Module, optimizer=None) -> AuditReport:
     bn_batch = [row.name for (name, module), row in zip(leaves, rows)
                 if isinstance(module, _BATCH_NORM) and row.norm_mode == "batch"
                 and _frozen_part(modules, name) and row.name not in undone]
-    dropout = [row.name for (name, _), row in zip(leaves, rows)
-               if row.dropout_active and _frozen_part(modules, name) and row.name not in undone]
+    dropping = [(name, module, row) for (name, module), row in zip(leaves, rows)
+                if row.dropout_active and _frozen_part(modules, name) and row.name not in undone]
+    dropout = [row.name for _, module, row in dropping if isinstance(module, _DROPOUT)]
+    depth = [row.name for _, module, row in dropping if not isinstance(module, _DROPOUT)]
     hazards = []
     if bn_batch:
         hazards.append(make_hazard("TORCH_BN_FROZEN_PARAMS_BATCH_STATS", bn_batch))
@@ -145,6 +201,8 @@ def audit(model: nn.Module, optimizer=None) -> AuditReport:
         hazards.append(make_hazard("TORCH_EVAL_UNDONE_BY_TRAIN", undone))
     if dropout:
         hazards.append(make_hazard("TORCH_DROPOUT_ACTIVE_IN_FROZEN", dropout))
+    if depth:
+        hazards.append(make_hazard("TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN", depth))
     if optimizer is not None:
         hazards.extend(_optimizer_hazards(model, optimizer))
     return AuditReport("torch", rows, hazards)
@@ -170,6 +228,13 @@ def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy().copy() for name, t in tensors.items()}
 
 
+def _by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under its name, as the model holds them now."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
 @contextlib.contextmanager
 def freeze_guard(model: nn.Module) -> Iterator[list[str]]:
     """Raise :class:`FrozenTensorChanged` if the block changes a tensor that must stay fixed.
@@ -177,14 +242,29 @@ def freeze_guard(model: nn.Module) -> Iterator[list[str]]:
     Guarded: parameters with ``requires_grad=False``; the running statistics
     and ``num_batches_tracked`` of every BatchNorm that is frozen or that
     ``model.train()`` leaves in eval mode; FrozenBatchNorm2d buffers. Decided
-    on entry, compared bit for bit on exit. Yields the guarded names.
+    on entry; on exit the model's tensors are read again *by name* (so a
+    buffer rebound with ``bn.running_mean = ...``, a ``model.to(...)`` or a
+    ``load_state_dict(..., assign=True)`` is seen, not the stale objects of
+    entry) and compared bit for bit, dtype included; a guarded name that
+    vanished or changed shape is named as such. Yields the guarded names.
     """
     tensors = _guarded(model)
     before = _snapshot(tensors)
+    dtypes = {name: t.dtype for name, t in tensors.items()}
     yield list(tensors)
-    changes = snapshot_diff(before, _snapshot(tensors))
+    now = _by_name(model)
+    after = _snapshot({name: now[name] for name in before if name in now})
+    reasons = {name: "vanished" for name in before if name not in now}
+    reasons.update({name: f"shape {tuple(before[name].shape)} -> {tuple(after[name].shape)}"
+                    for name in after if after[name].shape != before[name].shape})
+    changes = snapshot_diff(before, after)
+    for name in after:
+        if name not in reasons and now[name].dtype != dtypes[name]:
+            reasons[name] = f"dtype {dtypes[name]} -> {now[name].dtype}"
+            if name not in dict(changes):
+                changes.append((name, 0.0))
     if changes:
-        raise FrozenTensorChanged(changes, "torch")
+        raise FrozenTensorChanged(changes, "torch", reasons)
 
 
 def train_eval_losses(model: nn.Module, batch, loss_fn) -> tuple[float, float]:

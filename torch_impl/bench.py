@@ -51,13 +51,16 @@ def info() -> dict:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version(),
             "intra_op_threads": torch.get_num_threads(),
-            "inter_op_threads": torch.get_num_interop_threads(), "device": "cpu"}
+            "inter_op_threads": torch.get_num_interop_threads(),
+            # intra-op threads every timed task runs with (train.run's setting)
+            "run_threads": train.RUN_THREADS, "device": "cpu"}
 
 
 def set_threads(threads: int) -> None:
     """Use ``threads`` threads within and between ops; call before any torch work."""
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(threads)
+    train.RUN_THREADS = threads  # train.run's own thread setting: the same for both paths
 
 
 def synchronize() -> None:

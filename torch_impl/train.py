@@ -24,18 +24,23 @@ from torch_impl.freeze import apply_strategy, trainable_parameters
 from torch_impl.model import build_model
 from torch_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
 
-__all__ = ["make_optimizer", "evaluate", "pretrain", "run"]
+__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "run_threads", "RUN_THREADS"]
 
 _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
 
+# Intra-op threads of runs and pretraining. These nets and batches are too small for
+# intra-op parallelism: on 2 busy cores, two torch threads contending with TensorFlow's
+# made runs ~8x slower. One thread also makes timings and results independent of the
+# machine's core count. bench's --threads sets it (torch_impl.bench.set_threads), so the
+# project path and the bare loop it is compared with run under the same setting.
+RUN_THREADS = 1
+
 
 @contextlib.contextmanager
-def _one_thread():
-    # These nets and batches are too small for intra-op parallelism: on 2 busy cores,
-    # two torch threads contending with TensorFlow's made runs ~8x slower. One thread
-    # also makes timings and results independent of the machine's core count.
+def run_threads():
+    """Run the block with :data:`RUN_THREADS` intra-op threads (what run and pretrain use)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(RUN_THREADS)
     try:
         yield
     finally:
@@ -101,7 +106,7 @@ def _features(model: nn.Module, images: np.ndarray, dtype: str, batch_size: int 
     return out
 
 
-@_one_thread()
+@run_threads()
 def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     """Train ``config.arch`` + a source head on the source domain; canonical tensors, metrics."""
     torch.manual_seed(config.seed)  # nothing random should depend on it; belt and braces
@@ -129,7 +134,7 @@ def _state(model: nn.Module) -> dict[str, np.ndarray]:
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
-@_one_thread()
+@run_threads()
 def run(config: RunConfig) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
     prepared = prepare(config)

@@ -25,7 +25,7 @@ from shared.bench import (
     render,
 )
 from shared.errors import UsageError
-from shared.io import atomic_write_json, ensure_writable_dir
+from shared.io import atomic_write_json, check_output_file
 from shared.pretrain import PretrainConfig
 
 __all__ = ["QUICK", "add_parser", "run"]
@@ -83,8 +83,7 @@ def run(args) -> int:
 
     config = config_from_args(args)
     if args.json:
-        ensure_writable_dir(args.json.parent if str(args.json.parent) else Path("."),
-                            "--json directory")  # before minutes of measuring
+        check_output_file(args.json, "--json")  # before minutes of measuring
     err = Console(stderr=True)
     start = time.monotonic()
 

@@ -123,7 +123,9 @@ def run(args) -> int:
     configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
                                optimizer=args.optimizer, learning_rate=args.lr)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
-    out = ensure_writable_dir(args.out, "--out directory")
+    from shared.report import check_report_dir
+
+    out = ensure_writable_dir(check_report_dir(args.out), "--out directory")
     checkpoint = pretrained_checkpoint(args.arch, "compare", args.checkpoint)
     configs = {name: RunConfig(**{**config.__dict__, "checkpoint": checkpoint})
                for name, config in configs.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 from shared import frameworks
 from shared.archs import ARCHS
 from shared.compare import expectation_failures
-from shared.io import atomic_write_text
+from shared.io import atomic_write_text, check_output_file
 from shared.record import OPTIMIZERS, RunConfig
 from shared.strategies import STRATEGIES
 
@@ -31,6 +31,8 @@ def run(args) -> int:
     config = RunConfig(arch=args.arch, strategy=args.strategy, steps=args.steps,
                        optimizer=args.optimizer, learning_rate=args.lr,
                        checkpoint=args.checkpoint)
+    if args.json:  # before the run, not after it
+        check_output_file(args.json, "--json")
     train = frameworks.load(args.framework, "train")
     start = time.perf_counter()
     record = train.run(config)

@@ -1,0 +1,171 @@
+"""``freeze-parity run``, ``pretrain`` and the ``--json`` writes of ``run`` and ``bench``.
+
+In-process through ``shared.cli.main`` (what the console script calls) where the
+test is about what a command does; one real subprocess where it is about the
+process (exit status and the raw stderr a user sees). stderr is checked as
+printed: the CLI prints an error message as raised, so a message that spans
+lines fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared import cli
+from shared.checkpoint import load_checkpoint
+from shared.pretrain import MIN_SOURCE_ACCURACY
+from shared.record import RunRecord
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def _one_error_line(err: str, command: str, fragment: str) -> None:
+    assert err.count("\n") == 1 and err.endswith("\n"), repr(err)
+    assert err.startswith(f"freeze-parity {command}: error: "), err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def _run_argv(checkpoint, *extra: str) -> list[str]:
+    return ["run", "--framework", "torch", "--strategy", "bn_adapt", "--steps", str(STEPS),
+            "--checkpoint", str(checkpoint), *extra]
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_cli_prints_an_error_message_as_raised(monkeypatch, capsys):
+    """No joining of lines in the CLI: a message that spans lines shows, so tests can see it."""
+    from shared.commands import run
+
+    def two_lines(args):
+        raise ValueError("first line\nsecond line")
+
+    monkeypatch.setattr(run, "run", two_lines)
+    assert cli.main(_run_argv("unused.safetensors")) == 2
+    assert capsys.readouterr().err == "freeze-parity run: error: first line\nsecond line\n"
+
+
+# --- run --------------------------------------------------------------------------------------
+
+def test_cli_run_writes_its_record_and_meets_expectations(tinyconv_checkpoint, tmp_path, capsys):
+    out = tmp_path / "records" / "bn_adapt.json"  # the directory is made
+    assert cli.main(_run_argv(tinyconv_checkpoint, "--json", str(out))) == 0
+    printed = capsys.readouterr().out
+    record = RunRecord.load(out)
+    assert (record.framework, record.strategy, len(record.steps)) == ("torch", "bn_adapt", STEPS)
+    assert record.config["checkpoint"] == str(tinyconv_checkpoint)
+    assert record.bn_stats_changed and record.moved  # it trained
+    assert printed.startswith(f"torch bn_adapt (tinyconv, sgd, {STEPS} steps, ")
+    assert f"held-out loss {record.heldout[-1].loss:.4f}" in printed
+    assert f"record: {out}" in printed and "expectation failed" not in printed
+
+
+def test_cli_run_json_write_failure_keeps_old_record_exit_2(tinyconv_checkpoint, tmp_path,
+                                                            monkeypatch, capsys):
+    out = tmp_path / "record.json"
+    out.write_text("old record\n")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert cli.main(_run_argv(tinyconv_checkpoint, "--json", str(out))) == 2
+    monkeypatch.undo()
+    _one_error_line(capsys.readouterr().err, "run", "No space left on device")
+    assert out.read_text() == "old record\n" and _leftovers(tmp_path) == []
+
+
+def test_cli_run_json_directory_rejected_before_training(tmp_path, monkeypatch, capsys):
+    from shared import frameworks
+
+    monkeypatch.setattr(frameworks, "load", lambda *a: pytest.fail("trained before the check"))
+    assert cli.main(_run_argv(tmp_path / "unused.safetensors", "--json", str(tmp_path))) == 2
+    _one_error_line(capsys.readouterr().err, "run", f"--json {tmp_path}: is a directory")
+
+
+def test_cli_run_bad_learning_rate_one_line_before_training(tmp_path, monkeypatch, capsys):
+    from shared import frameworks
+
+    monkeypatch.setattr(frameworks, "load", lambda *a: pytest.fail("trained before the check"))
+    assert cli.main(_run_argv(tmp_path / "unused.safetensors", "--lr", "-1")) == 2
+    _one_error_line(capsys.readouterr().err, "run",
+                    "learning_rate must be a positive number, got -1.0")
+
+
+def test_cli_run_console_script_missing_checkpoint_one_raw_line(tmp_path):
+    """The real process: exit 2, one raw stderr line, no traceback, nothing on stdout."""
+    script = Path(sys.executable).with_name("freeze-parity")
+    missing = tmp_path / "missing.safetensors"
+    # raised after both frameworks are imported and the data is loaded
+    done = subprocess.run([str(script), *_run_argv(missing)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    _one_error_line(done.stderr, "run", str(missing))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- pretrain ---------------------------------------------------------------------------------
+
+def test_cli_pretrain_one_epoch_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tiny-1.safetensors"
+    status = cli.main(["pretrain", "--epochs", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    tensors, meta = load_checkpoint(out)
+    assert meta["arch"] == "tinyconv" and "base.block1.conv.weight" in tensors
+    accuracy = float(printed.split("held-out accuracy ")[1].split(",")[0])
+    assert status == (0 if accuracy >= MIN_SOURCE_ACCURACY else 1)
+    assert ("warning: accuracy below" in printed) == (status == 1)
+    assert f"checkpoint: {out}" in printed and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+    (["--out", "{file}/ckpt.safetensors"], "error: checkpoint directory {file}: cannot create it"),
+    (["--arch", "vgg"], "error: argument --arch: invalid choice: 'vgg'"),
+], ids=["epochs-0", "out-under-a-file", "unknown-arch"])
+def test_cli_pretrain_bad_input_one_line_nothing_written(tmp_path, capsys, argv, fragment):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    try:
+        status = cli.main(["pretrain", *[a.format(file=a_file) for a in argv]])
+    except SystemExit as exit_:  # argparse's own errors exit from parse_args
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("freeze-parity pretrain: error: "), err
+    assert fragment.format(file=a_file) in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# --- bench --json -----------------------------------------------------------------------------
+
+def test_cli_bench_json_directory_rejected_before_measuring(tmp_path, monkeypatch, capsys):
+    from shared.commands import bench
+
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before the check"))
+    assert cli.main(["bench", "--quick", "--json", str(tmp_path)]) == 2
+    _one_error_line(capsys.readouterr().err, "bench", f"--json {tmp_path}: is a directory")
+
+
+def test_cli_bench_json_write_failure_keeps_old_file_exit_2(tmp_path, monkeypatch, capsys):
+    from shared.commands import bench
+
+    out = tmp_path / "bench.json"
+    out.write_text("old figures\n")
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: {"version": 0, "figures": {}})
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert cli.main(["bench", "--quick", "--json", str(out)]) == 2
+    monkeypatch.undo()
+    _one_error_line(capsys.readouterr().err, "bench", "No space left on device")
+    assert out.read_text() == "old figures\n" and _leftovers(tmp_path) == []
