@@ -60,6 +60,7 @@ __all__ = [
     "launch",
     "parse_failure_injection",
     "replica_expectation",
+    "replica_tolerance",
     "run_job",
     "run_replicas",
     "shard",
@@ -306,6 +307,13 @@ def replica_expectation(strategy: str, framework: str, options: ReplicaOptions) 
     return "differ"
 
 
+def replica_tolerance(strategy: str, options: ReplicaOptions) -> tuple[str, float]:
+    """The named tolerance a "match" is judged with."""
+    if options.synchronized_bn and get_strategy(strategy).bn_mode == "batch":
+        return "REPLICA_SYNC_BN_STEP_ATOL", tol.REPLICA_SYNC_BN_STEP_ATOL
+    return "REPLICA_STEP_ATOL", tol.REPLICA_STEP_ATOL
+
+
 @dataclass
 class ReplicaComparison:
     strategy: str
@@ -338,13 +346,14 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaCom
     diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout)]
     max_diff = max(diffs, default=0.0)
     expected = replica_expectation(rec.strategy, rec.framework, replicated.options)
+    name, atol = replica_tolerance(rec.strategy, replicated.options)
     cmp = ReplicaComparison(rec.strategy, rec.framework, replicated.options.replicas, expected,
-                            "REPLICA_STEP_ATOL" if expected == "match" else "TRAP_MIN_GAP",
+                            name if expected == "match" else "TRAP_MIN_GAP",
                             max_diff, replicated.replica_spread(), replicated.saved_matches())
-    if expected == "match" and max_diff > tol.REPLICA_STEP_ATOL:
+    if expected == "match" and max_diff > atol:
         cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected the "
                             f"single-process losses, differs by {max_diff:.3g} "
-                            f"(tolerance REPLICA_STEP_ATOL {tol.REPLICA_STEP_ATOL:g})")
+                            f"(tolerance {name} {atol:g})")
     if expected == "differ" and max_diff <= tol.TRAP_MIN_GAP:
         cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected per-replica "
                             f"BatchNorm statistics to change the losses, but they differ by only "
