@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,16 @@ __all__ = [
     "ReplicaRecord",
     "compare_replicas",
     "free_port",
+    "inject_failure",
     "launch",
     "parse_failure_injection",
+    "REPLICA_COLUMNS",
+    "SYNC_SUFFIX",
+    "replica_cells",
     "replica_expectation",
+    "replica_jobs",
+    "replica_markdown",
+    "replica_section",
     "replica_tolerance",
     "run_job",
     "run_replicas",
@@ -159,14 +167,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HANG = -1  # the injected "status" of a rank that stops and waits forever
+
+
 def parse_failure_injection(text: str | None) -> tuple[int, int, int] | None:
-    """``"1:3:2"`` -> (rank 1, exit status 3, at step 2); None when unset."""
+    """``"1:3:2"`` -> (rank 1, exit status 3, at step 2); ``"1:hang:2"``: rank 1 hangs there."""
     if not text:
         return None
-    parts = text.split(":")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"{FAIL_ENV}={text!r}: expected RANK:STATUS:STEP, e.g. 1:3:2")
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) == 3 and parts[1] == "hang":
+        parts[1] = str(HANG)
+    if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"{FAIL_ENV}={text!r}: expected RANK:STATUS:STEP or RANK:hang:STEP, "
+                         f"e.g. 1:3:2")
     return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def inject_failure(status: int) -> None:
+    """Die with ``status`` now, as a crashing rank does (no cleanup), or hang forever."""
+    sys.stderr.flush()
+    if status == HANG:
+        while True:
+            time.sleep(3600)
+    os._exit(status)
 
 
 def _command(framework: str, replicas: int, job: Path, out: Path) -> tuple[list[str], str]:
@@ -186,7 +209,10 @@ _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
 
 
 def _failure_line(framework: str, launcher: str, status: int, stderr: str) -> str:
-    ranks, codes = _RANK.findall(stderr), _EXIT.findall(stderr)
+    # torchrun lists every failed rank (the others it stopped with SIGTERM) and then the
+    # "Root Cause (first observed failure)": the rank that died first
+    cause = stderr.rsplit("Root Cause", 1)[-1]
+    ranks, codes = _RANK.findall(cause), _EXIT.findall(cause)
     if framework == "torch" and ranks and codes:
         return (f"{launcher}: rank {ranks[0]} exited with status {codes[0]}; "
                 f"no result (torchrun exit status {status})")
@@ -359,3 +385,88 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaCom
                             f"BatchNorm statistics to change the losses, but they differ by only "
                             f"{max_diff:.3g} (TRAP_MIN_GAP {tol.TRAP_MIN_GAP:g})")
     return cmp
+
+
+# --- the compare table's replica section ---------------------------------------------------
+
+SYNC_SUFFIX = " (synchronized BN)"
+# (key, title, format): one row per strategy, both frameworks' columns side by side
+REPLICA_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("run", "strategy", None),
+    *((k, t, f) for fw in ("tf", "torch") for k, t, f in (
+        (f"{fw}_single", f"{fw} 1 process", ".4f"),
+        (f"{fw}_replicas", f"{fw} replicas", ".4f"),
+        (f"{fw}_diff", f"{fw} max|Δ|", ".3g"),
+        (f"{fw}_spread", f"{fw} BN spread", ".3g"),
+        (f"{fw}_expected", f"{fw} expected", None))),
+    ("verdict", "verdict", None),
+)
+REPLICA_COLUMN_NOTES = (
+    "1 process / replicas: training-mode loss of the last step, one process with the whole "
+    "batch vs N replicas of batch/N each (same samples, same order); max|Δ|: largest per-step train/eval or held-out loss "
+    "difference between them; BN spread: largest difference of a BN statistic between replica "
+    "0 and any other replica at the end; expected: declared (match within REPLICA_STEP_ATOL, or differ "
+    "by more than TRAP_MIN_GAP); saved BN statistics are replica 0's in both frameworks.")
+
+
+def replica_section(singles: dict[tuple[str, str], RunRecord],
+                    replicated: dict[tuple[str, str], ReplicaRecord]) -> dict:
+    """Rows and failures of the replica table from ``(framework, key)`` -> records.
+
+    ``key`` is a strategy name, or ``name + SYNC_SUFFIX`` for a synchronized-BN run
+    (compared with the single-process run of ``name``).
+    """
+    keys = list(dict.fromkeys(key for _, key in replicated))
+    rows, failures = [], []
+    for key in keys:
+        strategy = key.removesuffix(SYNC_SUFFIX)
+        row, problems = {"run": key}, []
+        for fw in ("tf", "torch"):
+            if (fw, key) not in replicated:
+                row.update({f"{fw}_{c}": "-" for c in ("single", "replicas", "diff", "spread",
+                                                        "expected")})
+                continue
+            rec, single = replicated[(fw, key)], singles[(fw, strategy)]
+            cmp = compare_replicas(single, rec)
+            row.update({f"{fw}_single": single.train_losses[-1],
+                        f"{fw}_replicas": rec.record.train_losses[-1], f"{fw}_diff": cmp.max_diff,
+                        f"{fw}_spread": cmp.replica_spread, f"{fw}_expected": cmp.expected})
+            failures += cmp.failures
+            problems += [fw] if cmp.failures else []
+        row["verdict"] = "ok" if not problems else "FAIL: " + ", ".join(problems)
+        rows.append(row)
+    return {"columns": [{"key": k, "title": t, "format": f} for k, t, f in REPLICA_COLUMNS],
+            "notes": REPLICA_COLUMN_NOTES, "rows": rows, "failures": failures}
+
+
+def replica_cells(section: dict) -> list[list[str]]:
+    return [[str(row[k]) if f is None or isinstance(row[k], str) else format(float(row[k]), f)
+             for k, _, f in REPLICA_COLUMNS] for row in section["rows"]]
+
+
+def replica_markdown(section: dict) -> list[str]:
+    lines = ["## Data parallel: one process vs 2 replicas", "",
+             "| " + " | ".join(t for _, t, _ in REPLICA_COLUMNS) + " |",
+             "|" + "|".join("---" if f is None else "---:" for _, _, f in REPLICA_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in replica_cells(section)]
+    return [*lines, "", section["notes"]]
+
+
+def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas: int,
+                 timeout_s: float = TIMEOUT_S) -> dict[tuple[str, str], ReplicaRecord]:
+    """Every strategy data-parallel in both frameworks (one launch each, concurrently), plus
+    Keras ``full`` with synchronized BN: ``(framework, key)`` -> ReplicaRecord."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = ReplicaOptions(replicas=replicas)
+    runs = {fw: {s: (configs[s], plain) for s in strategies} for fw in ("tf", "torch")}
+    for s in strategies:
+        if get_strategy(s).bn_mode == "batch" and s != "naive":
+            runs["tf"][s + SYNC_SUFFIX] = (configs[s], ReplicaOptions(replicas=replicas,
+                                                                     synchronized_bn=True))
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {fw: pool.submit(run_job, fw, runs[fw], (), timeout_s) for fw in ("tf", "torch")}
+        done = {fw: job.result() for fw, job in jobs.items()}
+    order = [s for strategy in strategies
+             for s in (strategy, strategy + SYNC_SUFFIX)]
+    return {(fw, key): done[fw][key] for key in order for fw in ("tf", "torch") if key in done[fw]}

@@ -66,8 +66,7 @@ class Replica:
 
     def on_step(self, step: int) -> None:
         if self.fail and self.fail[0] == self.rank and self.fail[2] == step:
-            sys.stderr.flush()
-            os._exit(self.fail[1])  # a rank dying mid-run (tests inject it)
+            shared_dist.inject_failure(self.fail[1])  # a rank dying or hanging mid-run (tests)
 
 
 def bn_statistics(model: nn.Module) -> dict[str, list[float]]:
@@ -153,11 +152,16 @@ def _probe_unused_parameters(rank: int, replicas: int) -> dict:
 
 def _probe_sync_batchnorm(rank: int, replicas: int) -> dict:
     model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("tinyconv", 5))
+    found = {"error": None, "forward_error": None}
     try:
         DistributedDataParallel(model)
-        return {"error": None}
     except ValueError as exc:
-        return {"error": str(exc)}
+        found["error"] = str(exc)
+    try:
+        model.train()(torch.ones(2, 3, 32, 32))  # in the process group, without DDP
+    except ValueError as exc:
+        found["forward_error"] = str(exc)
+    return found
 
 
 PROBES = {

@@ -1,0 +1,267 @@
+"""Data parallelism with the real engines: torch DDP under torchrun, tf MirroredStrategy.
+
+Multi-process runs are expensive (each worker imports its framework), so the
+whole file launches few processes: ONE torchrun job (2 ranks) runs every torch
+configuration and probe, ONE MirroredStrategy process (2 logical CPU devices)
+every tf one; the two run at the same time (session fixture ``replica_runs``),
+and every test below asserts on their results. The single-process runs they are
+compared with come from the shared ``run_record`` fixture. Two more small
+launches test the failure paths: a rank that dies mid-run, a rank that hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared import distributed as dist
+from shared.record import RunConfig
+from shared.tolerances import REPLICA_STEP_ATOL, REPLICA_SYNC_BN_STEP_ATOL, TRAP_MIN_GAP
+
+STEPS = 5  # enough for batch statistics to move the losses well above TRAP_MIN_GAP
+REPO = Path(__file__).resolve().parents[1]
+TORCH_PROBES = ("ddp_no_trainable", "ddp_unused_parameters", "ddp_sync_batchnorm_cpu")
+TF_PROBES = ("keras_data_parallel",)
+MARK = "FREEZE_PARITY_TEST_MARK"
+
+
+def _config(checkpoint, strategy: str) -> RunConfig:
+    return RunConfig(strategy=strategy, steps=STEPS, checkpoint=str(checkpoint))
+
+
+@pytest.fixture(scope="session")
+def replica_runs(tinyconv_checkpoint):
+    """{"torch": key -> ReplicaRecord / probe, "tf": ...}: one launch per framework, concurrent."""
+    c = lambda s: _config(tinyconv_checkpoint, s)  # noqa: E731
+    torch_runs = {s: (c(s), dist.ReplicaOptions())
+                  for s in ("frozen", "feature_extraction", "partial", "bn_adapt", "full")}
+    torch_runs["full_no_broadcast"] = (c("full"), dist.ReplicaOptions(broadcast_buffers=False))
+    tf_runs = {"frozen": (c("frozen"), dist.ReplicaOptions()),
+               "full": (c("full"), dist.ReplicaOptions()),
+               "full_sync": (c("full"), dist.ReplicaOptions(synchronized_bn=True))}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {"tf": pool.submit(dist.run_job, "tf", tf_runs, TF_PROBES),
+                "torch": pool.submit(dist.run_job, "torch", torch_runs, TORCH_PROBES)}
+        return {fw: job.result() for fw, job in jobs.items()}
+
+
+def _single(run_record, framework: str, strategy: str):
+    return run_record(framework, strategy, steps=STEPS)
+
+
+def _our_processes(token: str) -> list[int]:
+    """PIDs of live processes carrying ``MARK=token`` in their environment."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"{MARK}={token}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+# --- sharding and declared expectations (no processes) ------------------------------------
+
+
+def test_shard_gives_each_rank_its_contiguous_half_of_the_global_batch():
+    batch = np.array([7, 3, 9, 1, 4, 8])
+    assert dist.shard(batch, 0, 2).tolist() == [7, 3, 9]
+    assert dist.shard(batch, 1, 2).tolist() == [1, 4, 8]
+
+
+def test_shard_uneven_global_batch_raises_naming_sizes():
+    with pytest.raises(ValueError, match="global batch of 5 does not split into 2"):
+        dist.shard(np.arange(5), 0, 2)
+
+
+def test_replica_expectations_follow_bn_mode_and_synchronized_bn():
+    plain, sync = dist.ReplicaOptions(), dist.ReplicaOptions(synchronized_bn=True)
+    expected = {  # written by hand from the strategy table in README.md
+        "frozen": "match", "feature_extraction": "match", "partial": "match",
+        "bn_adapt": "differ", "full": "differ", "naive": "differ"}
+    for fw in ("tf", "torch"):
+        assert {s: dist.replica_expectation(s, fw, plain) for s in expected} == expected
+    assert dist.replica_expectation("full", "tf", sync) == "match"
+    assert dist.replica_expectation("bn_adapt", "tf", sync) == "match"
+    assert dist.replica_expectation("full", "torch", sync) == "differ"  # no SyncBatchNorm on CPU
+
+
+def test_failure_injection_parse_bad_value_raises_naming_variable():
+    assert dist.parse_failure_injection("1:3:2") == (1, 3, 2)
+    assert dist.parse_failure_injection("1:hang:0") == (1, dist.HANG, 0)
+    with pytest.raises(ValueError, match=dist.FAIL_ENV):
+        dist.parse_failure_injection("rank1")
+
+
+# --- torch DDP against one process ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["frozen", "feature_extraction", "partial"])
+def test_ddp_stored_bn_strategy_matches_single_process_losses(replica_runs, run_record, strategy):
+    replicated = replica_runs["torch"][strategy]
+    cmp = dist.compare_replicas(_single(run_record, "torch", strategy), replicated)
+    assert cmp.expected == "match" and cmp.ok, cmp.failures
+    assert cmp.max_diff <= REPLICA_STEP_ATOL
+    assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]  # it learned
+    assert replicated.replica_spread() == 0.0  # stored statistics: nothing to drift
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["bn_adapt", "full"])
+def test_ddp_batch_stat_strategy_differs_from_single_process(replica_runs, run_record, strategy):
+    cmp = dist.compare_replicas(_single(run_record, "torch", strategy), replica_runs["torch"][strategy])
+    assert cmp.expected == "differ" and cmp.ok, cmp.failures
+    assert cmp.max_diff > TRAP_MIN_GAP, f"per-rank BN statistics moved the losses only {cmp.max_diff:.3g}"
+
+
+@pytest.mark.slow
+def test_ddp_saved_bn_stats_are_rank_0s_and_differ_from_rank_1s(replica_runs):
+    full = replica_runs["torch"]["full"]
+    assert full.saved_matches() == ["replica 0"]
+    assert full.replica_spread() > TRAP_MIN_GAP  # rank 1 updated them from its own shard
+
+
+@pytest.mark.slow
+def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(replica_runs):
+    """Trap: with the default broadcast_buffers=True, any forward (eval mode, no_grad) copies
+    rank 0's BN statistics to every rank; with False each rank keeps its own."""
+    on, off = replica_runs["torch"]["full"], replica_runs["torch"]["full_no_broadcast"]
+    rank0 = on.replica_bn[0]
+    after = on.extra[1]["bn_after_one_more_forward"]
+    assert all(np.array_equal(after[k], rank0[k]) for k in rank0)
+    kept = off.extra[1]["bn_after_one_more_forward"]
+    spread = max(float(np.max(np.abs(np.subtract(kept[k], off.replica_bn[0][k])))) for k in kept)
+    assert spread > TRAP_MIN_GAP, f"broadcast_buffers=False: rank 1 still {spread:.3g} from rank 0"
+
+
+@pytest.mark.slow
+def test_ddp_refuses_module_without_trainable_parameter(replica_runs):
+    """Trap: DDP(model.base) of a frozen base raises; feature_extraction wraps the head only."""
+    for rank in replica_runs["torch"]["ddp_no_trainable"]["ranks"]:
+        assert "doesn't have any parameter that requires a gradient" in rank["base_error"]
+        assert rank["whole_model_accepted"]
+
+
+@pytest.mark.slow
+def test_ddp_frozen_parameters_need_no_find_unused_parameters(replica_runs):
+    """Trap: requires_grad=False parameters are never waited for; an unused TRAINABLE one
+    fails the second step unless find_unused_parameters=True."""
+    for rank in replica_runs["torch"]["ddp_unused_parameters"]["ranks"]:
+        assert rank["frozen_unused"]["error_at_step"] is None
+        assert rank["trainable_unused"]["error_at_step"] == 1
+        assert "find_unused_parameters=True" in rank["trainable_unused"]["error"]
+        assert rank["trainable_unused_find"]["error_at_step"] is None
+
+
+@pytest.mark.slow
+def test_ddp_sync_batchnorm_refused_on_cpu(replica_runs):
+    """Trap: DDP refuses a CPU model converted to SyncBatchNorm (not measured on a GPU here)."""
+    for rank in replica_runs["torch"]["ddp_sync_batchnorm_cpu"]["ranks"]:
+        assert rank["error"] == "SyncBatchNorm layers only work with GPU modules"
+
+
+def test_torch_sync_batchnorm_without_process_group_is_plain_batchnorm():
+    """Trap: outside a process group SyncBatchNorm silently normalises each process's batch
+    alone (bit-identical to BatchNorm2d); CPU is refused only inside one (next test)."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    sync, plain = nn.SyncBatchNorm(3), nn.BatchNorm2d(3)
+    assert torch.equal(sync(x), plain(x))
+    assert torch.equal(sync.running_mean, plain.running_mean)
+
+
+@pytest.mark.slow
+def test_ddp_sync_batchnorm_training_forward_on_cpu_raises_in_process_group(replica_runs):
+    for rank in replica_runs["torch"]["ddp_sync_batchnorm_cpu"]["ranks"]:
+        assert rank["forward_error"].startswith("SyncBatchNorm expected input tensor to be on GPU")
+
+
+# --- tf MirroredStrategy against one process ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_mirrored_frozen_matches_single_process_losses(replica_runs, run_record):
+    replicated = replica_runs["tf"]["frozen"]
+    cmp = dist.compare_replicas(_single(run_record, "tf", "frozen"), replicated)
+    assert cmp.expected == "match" and cmp.ok, cmp.failures
+    assert cmp.max_diff <= REPLICA_STEP_ATOL
+    assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]
+
+
+@pytest.mark.slow
+def test_mirrored_full_differs_from_single_process(replica_runs, run_record):
+    cmp = dist.compare_replicas(_single(run_record, "tf", "full"), replica_runs["tf"]["full"])
+    assert cmp.expected == "differ" and cmp.ok, cmp.failures
+    assert cmp.max_diff > TRAP_MIN_GAP
+
+
+@pytest.mark.slow
+def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_record):
+    synced = replica_runs["tf"]["full_sync"]
+    cmp = dist.compare_replicas(_single(run_record, "tf", "full"), synced)
+    assert cmp.expected == "match" and cmp.ok, cmp.failures
+    assert cmp.max_diff <= REPLICA_SYNC_BN_STEP_ATOL
+    assert synced.replica_spread() == 0.0  # every replica stored the global batch's moments
+
+
+@pytest.mark.slow
+def test_mirrored_bn_replicas_drift_and_a_read_returns_replica_0(replica_runs):
+    """Trap: per-replica BN statistics drift apart silently; get_weights/saving read replica 0."""
+    full = replica_runs["tf"]["full"]
+    assert full.replica_spread() > TRAP_MIN_GAP
+    assert full.saved_matches() == ["replica 0"]
+    assert full.extra[0]["devices"] == ["/device:CPU:0", "/device:CPU:1"]
+
+
+@pytest.mark.slow
+def test_keras_data_parallel_is_a_silent_no_op_on_tf_backend(replica_runs):
+    """Trap: keras.distribution.DataParallel over 2 CPU devices is accepted, yet variables stay
+    plain (not mirrored), one replica runs, and the losses are bit-identical to no distribution."""
+    probe = replica_runs["tf"]["keras_data_parallel"]["ranks"][0]
+    assert len(probe["devices"]) == 2
+    assert probe["variable_type"] == "ResourceVariable"
+    assert probe["replicas_in_sync"] == 1
+    assert probe["max_loss_diff"] == 0.0
+
+
+# --- multi-process hygiene ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_rank_dying_mid_run_one_line_error_exit_2_no_report(tinyconv_checkpoint, tmp_path):
+    token = uuid.uuid4().hex
+    out = tmp_path / "record.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), dist.FAIL_ENV: "1:3:1", MARK: token}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "run", "--framework", "torch", "--strategy", "frozen",
+         "--steps", "3", "--replicas", "2", "--checkpoint", str(tinyconv_checkpoint),
+         "--json", str(out)], capture_output=True, text=True, env=env, timeout=dist.TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rank 1 exited with status 3" in lines[0], proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert _our_processes(token) == []
+
+
+@pytest.mark.slow
+def test_hung_rank_times_out_with_message_and_leaves_no_process(tinyconv_checkpoint):
+    token = uuid.uuid4().hex
+    deadline = 3.0
+    start = time.monotonic()
+    with pytest.raises(dist.DistributedError, match=r"no result after 3 s \(a hung rank\?\)"):
+        dist.run_job("torch", {"frozen": (_config(tinyconv_checkpoint, "frozen"), dist.ReplicaOptions())},
+                     timeout_s=deadline, env={dist.FAIL_ENV: "1:hang:0", MARK: token})
+    assert time.monotonic() - start < deadline + 15  # SIGTERM, then SIGKILL after 5 s at most
+    assert _our_processes(token) == []
