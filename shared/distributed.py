@@ -51,6 +51,8 @@ from shared.strategies import get_strategy
 __all__ = [
     "FAIL_ENV",
     "REPLICAS",
+    "REPLICA_COLUMNS",
+    "SYNC_SUFFIX",
     "TIMEOUT_S",
     "DistributedError",
     "ReplicaComparison",
@@ -61,8 +63,6 @@ __all__ = [
     "inject_failure",
     "launch",
     "parse_failure_injection",
-    "REPLICA_COLUMNS",
-    "SYNC_SUFFIX",
     "replica_cells",
     "replica_expectation",
     "replica_jobs",
