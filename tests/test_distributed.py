@@ -31,7 +31,7 @@ from shared.tolerances import REPLICA_STEP_ATOL, REPLICA_SYNC_BN_STEP_ATOL, TRAP
 STEPS = 5  # enough for batch statistics to move the losses well above TRAP_MIN_GAP
 REPO = Path(__file__).resolve().parents[1]
 TORCH_PROBES = ("ddp_no_trainable", "ddp_unused_parameters", "ddp_sync_batchnorm_cpu")
-TF_PROBES = ("keras_data_parallel",)
+TF_PROBES = ("keras_data_parallel", "keras_audit_mirrored")
 MARK = "FREEZE_PARITY_TEST_MARK"
 
 
@@ -112,9 +112,11 @@ def test_failure_injection_parse_bad_value_raises_naming_variable():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["frozen", "feature_extraction", "partial"])
-def test_ddp_stored_bn_strategy_matches_single_process_losses(replica_runs, run_record, strategy):
+def test_ddp_stored_bn_strategy_matches_single_process_losses(replica_runs, run_record, strategy,
+                                                             record_property):
     replicated = replica_runs["torch"][strategy]
     cmp = dist.compare_replicas(_single(run_record, "torch", strategy), replicated)
+    record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_STEP_ATOL
     assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]  # it learned
@@ -123,21 +125,25 @@ def test_ddp_stored_bn_strategy_matches_single_process_losses(replica_runs, run_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["bn_adapt", "full"])
-def test_ddp_batch_stat_strategy_differs_from_single_process(replica_runs, run_record, strategy):
+def test_ddp_batch_stat_strategy_differs_from_single_process(replica_runs, run_record, strategy,
+                                                            record_property):
     cmp = dist.compare_replicas(_single(run_record, "torch", strategy), replica_runs["torch"][strategy])
+    record_property("measured", cmp.max_diff)
     assert cmp.expected == "differ" and cmp.ok, cmp.failures
     assert cmp.max_diff > TRAP_MIN_GAP, f"per-rank BN statistics moved the losses only {cmp.max_diff:.3g}"
 
 
 @pytest.mark.slow
-def test_ddp_saved_bn_stats_are_rank_0s_and_differ_from_rank_1s(replica_runs):
+def test_ddp_saved_bn_stats_are_rank_0s_and_differ_from_rank_1s(replica_runs, record_property):
     full = replica_runs["torch"]["full"]
+    record_property("measured", full.replica_spread())
     assert full.saved_matches() == ["replica 0"]
     assert full.replica_spread() > TRAP_MIN_GAP  # rank 1 updated them from its own shard
 
 
 @pytest.mark.slow
-def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(replica_runs):
+def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(replica_runs,
+                                                                          record_property):
     """Trap: with the default broadcast_buffers=True, any forward (eval mode, no_grad) copies
     rank 0's BN statistics to every rank; with False each rank keeps its own."""
     on, off = replica_runs["torch"]["full"], replica_runs["torch"]["full_no_broadcast"]
@@ -147,6 +153,7 @@ def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(repl
     kept = off.extra[1]["bn_after_one_more_forward"]
     spread = max(float(np.max(np.abs(np.subtract(kept[k], off.replica_bn[0][k])))) for k in kept)
     assert spread > TRAP_MIN_GAP, f"broadcast_buffers=False: rank 1 still {spread:.3g} from rank 0"
+    record_property("measured", f"after one more forward: True 0.0, False {spread:.3g}")
 
 
 @pytest.mark.slow
@@ -194,34 +201,39 @@ def test_ddp_sync_batchnorm_training_forward_on_cpu_raises_in_process_group(repl
 
 
 @pytest.mark.slow
-def test_mirrored_frozen_matches_single_process_losses(replica_runs, run_record):
+def test_mirrored_frozen_matches_single_process_losses(replica_runs, run_record, record_property):
     replicated = replica_runs["tf"]["frozen"]
     cmp = dist.compare_replicas(_single(run_record, "tf", "frozen"), replicated)
+    record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_STEP_ATOL
     assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]
 
 
 @pytest.mark.slow
-def test_mirrored_full_differs_from_single_process(replica_runs, run_record):
+def test_mirrored_full_differs_from_single_process(replica_runs, run_record, record_property):
     cmp = dist.compare_replicas(_single(run_record, "tf", "full"), replica_runs["tf"]["full"])
+    record_property("measured", cmp.max_diff)
     assert cmp.expected == "differ" and cmp.ok, cmp.failures
     assert cmp.max_diff > TRAP_MIN_GAP
 
 
 @pytest.mark.slow
-def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_record):
+def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_record,
+                                                             record_property):
     synced = replica_runs["tf"]["full_sync"]
     cmp = dist.compare_replicas(_single(run_record, "tf", "full"), synced)
+    record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_SYNC_BN_STEP_ATOL
     assert synced.replica_spread() == 0.0  # every replica stored the global batch's moments
 
 
 @pytest.mark.slow
-def test_mirrored_bn_replicas_drift_and_a_read_returns_replica_0(replica_runs):
+def test_mirrored_bn_replicas_drift_and_a_read_returns_replica_0(replica_runs, record_property):
     """Trap: per-replica BN statistics drift apart silently; get_weights/saving read replica 0."""
     full = replica_runs["tf"]["full"]
+    record_property("measured", full.replica_spread())
     assert full.replica_spread() > TRAP_MIN_GAP
     assert full.saved_matches() == ["replica 0"]
     assert full.extra[0]["devices"] == ["/device:CPU:0", "/device:CPU:1"]
@@ -267,3 +279,78 @@ def test_hung_rank_times_out_with_message_and_leaves_no_process(tinyconv_checkpo
                      timeout_s=deadline, env={dist.FAIL_ENV: "1:hang:0", MARK: token})
     assert time.monotonic() - start < deadline + 15  # SIGTERM, then SIGKILL after 5 s at most
     assert _our_processes(token) == []
+
+
+# --- audit hazards for data-parallel models ----------------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of world size 1 in this process (DDP needs one)."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def _tinyconv(strategy: str):
+    from torch_impl.freeze import apply_strategy
+    from torch_impl.model import build_model
+
+    return apply_strategy(build_model("tinyconv", 5), strategy)
+
+
+def test_audit_ddp_broadcast_with_frozen_bn_on_batch_stats_flags_hazard(one_rank_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from torch_impl.audit import audit
+
+    naive = DistributedDataParallel(_tinyconv("naive"))  # frozen params, BN left in train()
+    report = audit(naive)
+    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" in report.codes()
+    hazard = next(h for h in report.hazards if h.code == "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS")
+    assert hazard.layers == ("module.base.block1.bn", "module.base.block2.bn", "module.base.block3.bn")
+    assert "rank 0" in hazard.message and "eval" in hazard.fix
+    # the fixes: stored statistics (pinned eval), or no broadcast
+    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" not in audit(
+        DistributedDataParallel(_tinyconv("frozen"))).codes()
+    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" not in audit(
+        DistributedDataParallel(_tinyconv("naive"), broadcast_buffers=False)).codes()
+
+
+def test_torch_convert_sync_batchnorm_keeps_eval_pin_and_requires_grad():
+    """Trap (torch 2.14.1): the conversion reuses the Parameters and copies the training flag,
+    so a pinned frozen base stays frozen (older releases were reported to reset requires_grad)."""
+    model = _tinyconv("frozen")
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    bn = converted.base.block1.bn
+    converted.train()
+    assert isinstance(bn, nn.SyncBatchNorm) and not bn.training
+    assert not bn.weight.requires_grad
+
+
+def test_audit_sync_bn_conversion_that_lost_freeze_flags_hazard():
+    from torch_impl.audit import audit
+
+    reference = _tinyconv("frozen")
+    kept = nn.SyncBatchNorm.convert_sync_batchnorm(_tinyconv("frozen"))
+    assert "TORCH_SYNC_BN_CONVERSION_LOST_FREEZE" not in audit(kept, reference=reference).codes()
+    lost = nn.SyncBatchNorm.convert_sync_batchnorm(_tinyconv("frozen"))
+    lost.pin_inference([])  # a conversion that rebuilt the wrapper loses its eval pin ...
+    lost.base.block2.bn.requires_grad_(True)  # ... or resets requires_grad (older torch)
+    report = audit(lost, reference=reference)
+    hazard = next(h for h in report.hazards if h.code == "TORCH_SYNC_BN_CONVERSION_LOST_FREEZE")
+    assert hazard.layers == ("base.block1.bn", "base.block2.bn", "base.block3.bn")
+    assert "convert" in hazard.fix
+
+
+@pytest.mark.slow
+def test_audit_mirrored_bn_updating_stats_flags_replica_hazard(replica_runs):
+    codes = replica_runs["tf"]["keras_audit_mirrored"]["ranks"][0]
+    assert "KERAS_MIRRORED_BN_REPLICA_STATS" in codes["full"]
+    assert "KERAS_MIRRORED_BN_REPLICA_STATS" not in codes["frozen"]  # stored statistics
+    assert "KERAS_MIRRORED_BN_REPLICA_STATS" not in codes["full_sync"]  # synchronized=True

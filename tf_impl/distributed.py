@@ -150,7 +150,25 @@ def _probe_keras_data_parallel(devices: list[str]) -> dict:
             "replicas_in_sync": tf.distribute.get_strategy().num_replicas_in_sync}
 
 
-PROBES = {"keras_data_parallel": _probe_keras_data_parallel}
+def _probe_audit_mirrored(devices: list[str]) -> dict:
+    """Hazard codes of tf_impl.audit for models built under a 2-replica MirroredStrategy."""
+    from tf_impl.audit import audit
+    from tf_impl.freeze import apply_strategy
+    from tf_impl.model import build_model
+
+    codes = {}
+    with _strategy(tuple(devices[:2])).scope():
+        for key, strategy, synchronized in (("full", "full", False), ("frozen", "frozen", False),
+                                            ("full_sync", "full", True)):
+            model = build_model("tinyconv", 5, norm_layer=train.norm_layer_for(
+                "tinyconv", strategy, synchronized=synchronized))
+            apply_strategy(model, strategy)
+            codes[key] = audit(model).codes()
+    return codes
+
+
+PROBES = {"keras_data_parallel": _probe_keras_data_parallel,
+          "keras_audit_mirrored": _probe_audit_mirrored}
 
 
 def main(argv: list[str] | None = None) -> int:
