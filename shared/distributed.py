@@ -58,6 +58,7 @@ __all__ = [
     "ReplicaComparison",
     "ReplicaOptions",
     "ReplicaRecord",
+    "bench_replicas",
     "compare_replicas",
     "free_port",
     "inject_failure",
@@ -470,3 +471,42 @@ def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas:
     order = [s for strategy in strategies
              for s in (strategy, strategy + SYNC_SUFFIX)]
     return {(fw, key): done[fw][key] for key in order for fw in ("tf", "torch") if key in done[fw]}
+
+
+# --- cost: per-step time of the replicated run against one process ------------------------
+
+
+def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
+                   steps: tuple[int, int] = (10, 40), replicas: int = REPLICAS, repeats: int = 3,
+                   timeout_s: float = TIMEOUT_S) -> dict:
+    """Marginal per-step wall time, one process vs ``replicas``, timed in ONE launch.
+
+    Per repeat, both configurations run ``steps[0]`` and ``steps[1]`` steps in the
+    worker; the per-step figure is ``(T(long) - T(short)) / (long - short)``, so
+    imports, model building, tracing and held-out evaluations at fixed points cancel
+    (the held-out evaluations every 10 steps do not: both configurations pay them).
+    The single-process runs happen in the same kind of process (torch: rank 0 while
+    the other ranks wait), so both figures pay the same machine. Medians over repeats.
+    """
+    short, long_ = steps
+    if not 0 < short < long_:
+        raise ValueError(f"bench_replicas: steps must be 0 < short < long, got {steps}")
+    options = ReplicaOptions(replicas=replicas)
+    entries = []
+    for repeat in range(repeats):
+        for kind, opts in (("single", None), ("replicas", options)):
+            for n in steps:
+                config = RunConfig(strategy=strategy, steps=n, checkpoint=checkpoint)
+                entries.append({"key": f"{kind}-{n}-{repeat}", "kind": "time",
+                                "config": asdict(config), "options": opts and asdict(opts)})
+    results = launch(framework, entries, replicas, timeout_s)
+    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results)}
+    per_step = {kind: [(seconds[f"{kind}-{long_}-{i}"] - seconds[f"{kind}-{short}-{i}"])
+                       / (long_ - short) for i in range(repeats)]
+                for kind in ("single", "replicas")}
+    ratios = [r / s for r, s in zip(per_step["replicas"], per_step["single"])]
+    return {"framework": framework, "strategy": strategy, "replicas": replicas,
+            "steps": list(steps), "repeats": repeats,
+            "single_step_s": float(np.median(per_step["single"])),
+            "replicas_step_s": float(np.median(per_step["replicas"])),
+            "ratio": float(np.median(ratios)), "raw_seconds": seconds}

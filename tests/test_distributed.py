@@ -40,8 +40,12 @@ def _config(checkpoint, strategy: str) -> RunConfig:
 
 
 @pytest.fixture(scope="session")
-def replica_runs(tinyconv_checkpoint):
-    """{"torch": key -> ReplicaRecord / probe, "tf": ...}: one launch per framework, concurrent."""
+def replica_runs(tinyconv_checkpoint, run_record):
+    """{"torch": key -> ReplicaRecord / probe, "tf": ...}: one launch per framework, concurrent.
+
+    While the launches run, this process makes the single-process runs the tests compare
+    with (``run_record`` caches them), instead of waiting idle.
+    """
     def c(strategy):
         return _config(tinyconv_checkpoint, strategy)
 
@@ -54,6 +58,9 @@ def replica_runs(tinyconv_checkpoint):
     with ThreadPoolExecutor(2) as pool:
         jobs = {"tf": pool.submit(dist.run_job, "tf", tf_runs, TF_PROBES),
                 "torch": pool.submit(dist.run_job, "torch", torch_runs, TORCH_PROBES)}
+        for fw, runs in (("torch", torch_runs), ("tf", tf_runs)):
+            for config, _ in runs.values():
+                _single(run_record, fw, config.strategy)
         return {fw: job.result() for fw, job in jobs.items()}
 
 

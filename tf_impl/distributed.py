@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tf_impl import train
 from tf_impl.model import is_batch_norm, named_leaves
 from tf_impl.weights import export_weights
 
-__all__ = ["PROBES", "Replica", "bn_statistics", "configure_devices", "main", "run"]
+__all__ = ["PROBES", "Replica", "bn_statistics", "configure_devices", "main", "run", "time_run"]
 
 
 def configure_devices(replicas: int) -> list[str]:
@@ -123,6 +124,14 @@ def run(config: RunConfig, options: shared_dist.ReplicaOptions, devices: list[st
             "extra": {"devices": list(devices[:options.replicas])}}
 
 
+def time_run(config: RunConfig, options: shared_dist.ReplicaOptions | None,
+             devices: list[str]) -> dict:
+    """Wall seconds of one ``train.run``: under MirroredStrategy, or (``options`` None) plain."""
+    start = time.perf_counter()
+    train.run(config, replica=Replica(options, devices) if options is not None else None)
+    return {"seconds": time.perf_counter() - start}
+
+
 # --- probes: engine facts the tests pin -------------------------------------------------
 
 
@@ -180,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         if entry["kind"] == "run":
             results.append(run(RunConfig.from_dict(entry["config"]),
                                shared_dist.ReplicaOptions(**entry["options"]), devices))
+        elif entry["kind"] == "time":
+            options = entry["options"] and shared_dist.ReplicaOptions(**entry["options"])
+            results.append(time_run(RunConfig.from_dict(entry["config"]), options, devices))
         else:
             results.append({"probe": PROBES[entry["key"]](devices)})
     atomic_write_json(Path(out) / "rank0.json", results)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch_impl.freeze import apply_strategy
 from torch_impl.model import build_model
 from torch_impl.weights import export_weights
 
-__all__ = ["PROBES", "Replica", "bn_statistics", "main", "run"]
+__all__ = ["PROBES", "Replica", "bn_statistics", "main", "run", "time_run"]
 
 
 class Replica:
@@ -93,6 +94,21 @@ def run(config: RunConfig, options: shared_dist.ReplicaOptions, rank: int, repli
     return {"record": record.to_dict(), "options": asdict(options), "replica_bn": [own],
             # what `if rank == 0: torch.save(model.state_dict(), ...)` saves
             "saved_bn": own, "extra": extra}
+
+
+def time_run(config: RunConfig, options: shared_dist.ReplicaOptions | None, rank: int,
+             replicas: int) -> dict:
+    """Wall seconds of one ``train.run``: data-parallel on every rank, or (``options`` None)
+    single-process on rank 0 while the other ranks wait, so it has the cores to itself."""
+    dist.barrier()
+    start = time.perf_counter()
+    if options is not None:
+        train.run(config, replica=Replica(options, rank, replicas))
+    elif rank == 0:
+        train.run(config)
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    return {"seconds": seconds if options is not None or rank == 0 else None}
 
 
 def _image_size(config: RunConfig) -> tuple[int, int]:
@@ -182,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             if entry["kind"] == "run":
                 results.append(run(RunConfig.from_dict(entry["config"]),
                                    shared_dist.ReplicaOptions(**entry["options"]), rank, replicas))
+            elif entry["kind"] == "time":
+                options = entry["options"] and shared_dist.ReplicaOptions(**entry["options"])
+                results.append(time_run(RunConfig.from_dict(entry["config"]), options, rank,
+                                        replicas))
             else:
                 results.append({"probe": PROBES[entry["key"]](rank, replicas)})
             dist.barrier()
