@@ -361,3 +361,13 @@ def test_audit_mirrored_bn_updating_stats_flags_replica_hazard(replica_runs):
     assert "KERAS_MIRRORED_BN_REPLICA_STATS" in codes["full"]
     assert "KERAS_MIRRORED_BN_REPLICA_STATS" not in codes["frozen"]  # stored statistics
     assert "KERAS_MIRRORED_BN_REPLICA_STATS" not in codes["full_sync"]  # synchronized=True
+
+
+@pytest.mark.slow
+def test_logical_devices_cannot_be_configured_after_tensorflow_initialised(replica_runs):
+    """Trap: why the MirroredStrategy runs need their own process. This one has run Keras
+    (the fixture's single-process runs), so splitting its CPU is refused."""
+    from tf_impl.distributed import configure_devices
+
+    with pytest.raises(RuntimeError, match="initialised its devices already"):
+        configure_devices(2)
