@@ -233,6 +233,8 @@ def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_
     record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_SYNC_BN_STEP_ATOL
+    unsynced = dist.compare_replicas(_single(run_record, "tf", "full"), replica_runs["tf"]["full"])
+    assert cmp.max_diff < TRAP_MIN_GAP < unsynced.max_diff  # the flag is what closes the gap
     assert synced.replica_spread() == 0.0  # every replica stored the global batch's moments
 
 

@@ -170,12 +170,13 @@ def run(args) -> int:
     else:
         from rich.console import Console
 
-        table = render_table(report)
-        console = Console()
-        console = Console(width=max(console.width, table_width(table, console)))
-        console.print(table)
+        tables = [render_table(report)]
         if report.replicas is not None:
-            console.print(_replica_table(report.replicas))
+            tables.append(_replica_table(report.replicas))
+        console = Console()
+        console = Console(width=max(console.width, *(table_width(t, console) for t in tables)))
+        for table in tables:
+            console.print(table)
         for failure in report.failures:
             print(f"FAILED: {failure}")
         print(("every declared expectation and cross-framework parity holds" if report.ok else
