@@ -50,6 +50,7 @@ from shared.strategies import get_strategy
 
 __all__ = [
     "FAIL_ENV",
+    "KILL_GRACE_S",
     "REPLICAS",
     "REPLICA_COLUMNS",
     "SYNC_SUFFIX",
@@ -79,6 +80,8 @@ REPLICAS = 2
 # A whole job (imports, 2 ranks, a few runs) takes 10-40 s on 2 busy cores; a rank
 # that waits on a dead peer never ends by itself.
 TIMEOUT_S = 300.0
+# seconds a launcher's process group gets to end after SIGTERM (then SIGKILL, as long again)
+KILL_GRACE_S = 5.0
 # "RANK:STATUS:STEP": that rank exits with STATUS at the start of step STEP (tests only)
 FAIL_ENV = "FREEZE_PARITY_FAIL_RANK"
 WORKERS = {"torch": "torch_impl.distributed", "tf": "tf_impl.distributed"}
@@ -224,16 +227,13 @@ def _failure_line(framework: str, launcher: str, status: int, stderr: str) -> st
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """End every process of the launcher's group: SIGTERM, then SIGKILL (also after a
+    normal exit, for any rank the launcher left behind)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=5)
-            if sig == signal.SIGTERM:
-                # the leader is gone; children of the group may still run: SIGKILL them
-                continue
-        except subprocess.TimeoutExpired:
-            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=KILL_GRACE_S)
 
 
 def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
@@ -397,14 +397,14 @@ REPLICA_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
     *((k, t, f) for fw in ("tf", "torch") for k, t, f in (
         (f"{fw}_single", f"{fw} 1 process", ".4f"),
         (f"{fw}_replicas", f"{fw} replicas", ".4f"),
-        (f"{fw}_diff", f"{fw} max|Δ|", ".3g"),
+        (f"{fw}_diff", f"{fw} max Δ", ".3g"),
         (f"{fw}_spread", f"{fw} BN spread", ".3g"),
         (f"{fw}_expected", f"{fw} expected", None))),
     ("verdict", "verdict", None),
 )
 REPLICA_COLUMN_NOTES = (
     "1 process / replicas: training-mode loss of the last step, one process with the whole "
-    "batch vs N replicas of batch/N each (same samples, same order); max|Δ|: largest per-step train/eval or held-out loss "
+    "batch vs N replicas of batch/N each (same samples, same order); max Δ: largest absolute per-step train/eval or held-out loss "
     "difference between them; BN spread: largest difference of a BN statistic between replica "
     "0 and any other replica at the end; expected: declared (match within REPLICA_STEP_ATOL, or differ "
     "by more than TRAP_MIN_GAP); saved BN statistics are replica 0's in both frameworks.")
@@ -477,7 +477,7 @@ def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas:
 
 
 def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
-                   steps: tuple[int, int] = (10, 40), replicas: int = REPLICAS, repeats: int = 3,
+                   steps: tuple[int, int] = (10, 90), replicas: int = REPLICAS, repeats: int = 3,
                    timeout_s: float = TIMEOUT_S) -> dict:
     """Marginal per-step wall time, one process vs ``replicas``, timed in ONE launch.
 

@@ -103,7 +103,7 @@ def _run_replicas(args) -> int:
             return 1
     if args.json:
         atomic_write_json(args.json, {"replicas": rows})
-    print(f"frozen tinyconv, global batch 32, marginal per step (10 -> 40 steps), median of "
+    print(f"frozen tinyconv, global batch 32, marginal per step (10 -> 90 steps), median of "
           f"{repeats}:")
     for row in rows:
         print(f"  {row['framework']:<5} 1 process {1000 * row['single_step_s']:7.2f} ms   "
