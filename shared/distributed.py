@@ -54,6 +54,7 @@ __all__ = [
     "REPLICAS",
     "REPLICA_COLUMNS",
     "SYNC_SUFFIX",
+    "TIMEOUT_PER_ENTRY_S",
     "TIMEOUT_S",
     "DistributedError",
     "ReplicaComparison",
@@ -77,9 +78,11 @@ __all__ = [
 ]
 
 REPLICAS = 2
-# A whole job (imports, 2 ranks, a few runs) takes 10-40 s on 2 busy cores; a rank
-# that waits on a dead peer never ends by itself.
-TIMEOUT_S = 300.0
+# The deadline of a job: TIMEOUT_S plus TIMEOUT_PER_ENTRY_S per run or probe. Imports
+# take 5-15 s on 2 busy cores and a 30-step run 5-30 s; a rank that waits on a dead or
+# hung peer never ends by itself, so every launch has one.
+TIMEOUT_S = 120.0
+TIMEOUT_PER_ENTRY_S = 60.0
 # seconds a launcher's process group gets to end after SIGTERM (then SIGKILL, as long again)
 KILL_GRACE_S = 5.0
 # "RANK:STATUS:STEP": that rank exits with STATUS at the start of step STEP (tests only)
@@ -237,13 +240,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
-           timeout_s: float = TIMEOUT_S, env: dict | None = None) -> list[dict]:
+           timeout_s: float | None = None, env: dict | None = None) -> list[dict]:
     """Run ``entries`` in the framework's worker(s); rank 0's results, one per entry.
 
     Every rank's results come back too, under ``"ranks"`` of each result. Raises
     DistributedError (one line) on a non-zero exit, a timeout, or a missing result.
+    ``timeout_s`` None: TIMEOUT_S + TIMEOUT_PER_ENTRY_S per entry.
     """
     check_framework(framework)
+    if timeout_s is None:
+        timeout_s = TIMEOUT_S + TIMEOUT_PER_ENTRY_S * len(entries)
     with tempfile.TemporaryDirectory(prefix=f"freeze-parity-{framework}-replicas-") as tmp:
         tmp = Path(tmp)
         job, out = tmp / "job.json", tmp / "out"
@@ -281,7 +287,7 @@ def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
 
 
 def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
-            probes: tuple[str, ...] = (), timeout_s: float = TIMEOUT_S,
+            probes: tuple[str, ...] = (), timeout_s: float | None = None,
             env: dict | None = None) -> dict:
     """Many runs (and named probes) in ONE launch: key -> ReplicaRecord (probes: key -> dict).
 
@@ -307,7 +313,7 @@ def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
 
 
 def run_replicas(framework: str, config: RunConfig, options: ReplicaOptions | None = None,
-                 timeout_s: float = TIMEOUT_S) -> ReplicaRecord:
+                 timeout_s: float | None = None) -> ReplicaRecord:
     """One data-parallel run of ``config`` in ``framework``."""
     return run_job(framework, {"run": (config, options or ReplicaOptions())},
                    timeout_s=timeout_s)["run"]
@@ -454,7 +460,7 @@ def replica_markdown(section: dict) -> list[str]:
 
 
 def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas: int,
-                 timeout_s: float = TIMEOUT_S) -> dict[tuple[str, str], ReplicaRecord]:
+                 timeout_s: float | None = None) -> dict[tuple[str, str], ReplicaRecord]:
     """Every strategy data-parallel in both frameworks (one launch each, concurrently), plus
     Keras ``full`` with synchronized BN: ``(framework, key)`` -> ReplicaRecord."""
     from concurrent.futures import ThreadPoolExecutor
@@ -478,7 +484,7 @@ def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas:
 
 def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
                    steps: tuple[int, int] = (10, 90), replicas: int = REPLICAS, repeats: int = 3,
-                   timeout_s: float = TIMEOUT_S) -> dict:
+                   timeout_s: float | None = None) -> dict:
     """Marginal per-step wall time, one process vs ``replicas``, timed in ONE launch.
 
     Per repeat, both configurations run ``steps[0]`` and ``steps[1]`` steps in the

@@ -270,7 +270,8 @@ def test_cli_rank_dying_mid_run_one_line_error_exit_2_no_report(tinyconv_checkpo
     proc = subprocess.run(
         [sys.executable, "-m", "shared.cli", "run", "--framework", "torch", "--strategy", "frozen",
          "--steps", "3", "--replicas", "2", "--checkpoint", str(tinyconv_checkpoint),
-         "--json", str(out)], check=False, capture_output=True, text=True, env=env, timeout=dist.TIMEOUT_S)
+         "--json", str(out)], check=False, capture_output=True, text=True, env=env,
+        timeout=2 * (dist.TIMEOUT_S + dist.TIMEOUT_PER_ENTRY_S))  # past the job's own deadline
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "rank 1 exited with status 3" in lines[0], proc.stderr
@@ -386,7 +387,7 @@ def test_cli_run_replicas_prints_replica_summary_and_writes_replica_record(
     expected = replica_runs["torch"]["full"]
     calls = []
 
-    def fake_run_replicas(framework, config, options=None, timeout_s=dist.TIMEOUT_S):
+    def fake_run_replicas(framework, config, options=None, timeout_s=None):
         calls.append((framework, config, options))
         return expected
 
