@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_PROBES = ("ddp_no_trainable", "ddp_unused_parameters", "ddp_sync_batchnorm_cpu")
 TF_PROBES = ("keras_data_parallel", "keras_audit_mirrored")
 MARK = "FREEZE_PARITY_TEST_MARK"
+FIXTURE_TOKEN = uuid.uuid4().hex
 
 
 def _config(checkpoint, strategy: str) -> RunConfig:
@@ -55,9 +56,10 @@ def replica_runs(tinyconv_checkpoint, run_record):
     tf_runs = {"frozen": (c("frozen"), dist.ReplicaOptions()),
                "full": (c("full"), dist.ReplicaOptions()),
                "full_sync": (c("full"), dist.ReplicaOptions(synchronized_bn=True))}
+    env = {MARK: FIXTURE_TOKEN}  # every process of both launches carries it
     with ThreadPoolExecutor(2) as pool:
-        jobs = {"tf": pool.submit(dist.run_job, "tf", tf_runs, TF_PROBES),
-                "torch": pool.submit(dist.run_job, "torch", torch_runs, TORCH_PROBES)}
+        jobs = {"tf": pool.submit(dist.run_job, "tf", tf_runs, TF_PROBES, env=env),
+                "torch": pool.submit(dist.run_job, "torch", torch_runs, TORCH_PROBES, env=env)}
         for fw, runs in (("torch", torch_runs), ("tf", tf_runs)):
             for config, _ in runs.values():
                 _single(run_record, fw, config.strategy)
@@ -277,6 +279,12 @@ def test_cli_rank_dying_mid_run_one_line_error_exit_2_no_report(tinyconv_checkpo
     assert len(lines) == 1 and "rank 1 exited with status 3" in lines[0], proc.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
     assert _our_processes(token) == []
+
+
+@pytest.mark.slow
+def test_successful_launches_leave_no_process_behind(replica_runs):
+    assert replica_runs["torch"] and replica_runs["tf"]
+    assert _our_processes(FIXTURE_TOKEN) == []
 
 
 @pytest.mark.slow
