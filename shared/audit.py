@@ -94,6 +94,22 @@ HAZARDS: dict[str, HazardKind] = {
         "trainable (requires_grad=True) parameters are in no param group of the optimizer: "
         "they get gradients but never change",
         "rebuild the optimizer from the current trainable parameters after unfreezing"),
+    "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS": HazardKind(
+        "torch",
+        "a DistributedDataParallel model with broadcast_buffers=True whose frozen BatchNorm runs "
+        "on batch statistics in training: each rank normalises with its own shard's statistics "
+        "and updates its running statistics from it, and every forward then overwrites all "
+        "ranks' statistics with rank 0's, so what is saved was learned from rank 0's shards only",
+        "keep the frozen part in eval mode through every train() (pin it, as "
+        "torch_impl.model.FineTuneModel.pin_inference does) or use "
+        "torchvision.ops.FrozenBatchNorm2d: then there are no batch statistics to broadcast"),
+    "TORCH_SYNC_BN_CONVERSION_LOST_FREEZE": HazardKind(
+        "torch",
+        "nn.SyncBatchNorm.convert_sync_batchnorm (or a hand-written conversion) produced a "
+        "SyncBatchNorm whose BatchNorm before the conversion was frozen (requires_grad=False, or "
+        "eval mode at the next train()) and now trains or runs on batch statistics",
+        "re-apply the freeze after converting (requires_grad_(False) and the eval() pin), or "
+        "convert only the part that trains (e.g. convert_sync_batchnorm(model.head))"),
     "KERAS_BN_FROZEN_BATCH_STATS": HazardKind(
         "tf",
         "a BatchNormalization with trainable=False still normalises with batch statistics in "
@@ -120,6 +136,14 @@ HAZARDS: dict[str, HazardKind] = {
         "ones do not train)",
         "recompile after every trainable change, with a NEW optimizer "
         "(model.compile(optimizer=type(opt).from_config(opt.get_config()), ...))"),
+    "KERAS_MIRRORED_BN_REPLICA_STATS": HazardKind(
+        "tf",
+        "a BatchNormalization that updates its statistics in training, in a model built under a "
+        "distribution strategy with more than one replica, without synchronized=True: each "
+        "replica normalises with its own slice of the batch and keeps its own copy of the moving "
+        "statistics; the copies drift apart and a read (get_weights, save) returns replica 0's",
+        "build it with BatchNormalization(synchronized=True) (the batch moments are all-reduced "
+        "over replicas), or freeze it (trainable=False runs it on stored statistics)"),
     "KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES": HazardKind(
         "tf",
         "trainable variables the optimizer was not built for (unfrozen, then recompiled with "

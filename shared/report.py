@@ -117,6 +117,8 @@ class Report:
     failures: list[str]
     # strategy -> {"tf": run data, "torch": run data, "comparison": {...}}
     runs: dict[str, dict] = field(default_factory=dict)
+    # compare --replicas: shared.distributed.replica_section (rows, notes, failures)
+    replicas: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,6 +144,7 @@ class Report:
                 "rows": [dict(row) for row in self.rows],
             },
             "runs": self.runs,
+            **({"replicas": self.replicas} if self.replicas is not None else {}),
         }
 
 
@@ -225,6 +228,10 @@ def render_markdown(report: Report, figure: str | None = "figure.png") -> str:
     lines += ["| " + " | ".join(_md_escape(cell) for cell in cells) + " |" for cells in report.cells()]
     lines += ["", "Columns:", ""]
     lines += [f"- **{_md_escape(c.title)}**: {c.description}" for c in COLUMNS]
+    if report.replicas is not None:
+        from shared.distributed import replica_markdown
+
+        lines += ["", *replica_markdown(report.replicas)]
     if report.failures:
         lines += ["", "## Failures", ""] + [f"- {_md_escape(f)}" for f in report.failures]
     lines += ["", "## Strategies", ""]

@@ -267,6 +267,14 @@ def _optimizer_hazards(model, optimizer, tree) -> list:
     return [make_hazard("KERAS_OPTIMIZER_BUILT_FOR_OTHER_VARIABLES", layers, detail)]
 
 
+def _replica_hazards(model, leaves, rows) -> list:
+    """BN layers that update per-replica statistics under a multi-replica strategy."""
+    drifting = [row.name for (_, layer, _), row in zip(leaves, rows)
+                if row.stats_updated and not getattr(layer, "synchronized", False)
+                and len(getattr(layer.moving_mean.value, "values", ())) > 1]
+    return [make_hazard("KERAS_MIRRORED_BN_REPLICA_STATS", drifting)] if drifting else []
+
+
 def audit(model, optimizer=None) -> AuditReport:
     """Rows and hazards of ``model`` (and its or the given optimizer) for the next ``fit`` step.
 
@@ -289,6 +297,7 @@ def audit(model, optimizer=None) -> AuditReport:
     if dropout:
         hazards.append(make_hazard("KERAS_DROPOUT_ACTIVE_IN_FROZEN", dropout))
     hazards.extend(_optimizer_hazards(model, optimizer, tree))
+    hazards.extend(_replica_hazards(model, leaves, rows))
     return AuditReport("tf", rows, hazards, notes)
 
 

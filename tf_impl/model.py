@@ -44,6 +44,8 @@ class TorchVarianceBatchNormalization(keras.layers.BatchNormalization):
         # reduction is accurate to ~1e-5. A correction pass on the residual recovers it.
         axis = self.axis if self.axis >= 0 else len(inputs.shape) + self.axis
         axes = [i for i in range(len(inputs.shape)) if i != axis]
+        if self.synchronized:
+            return self._synchronized_moments(inputs, axes)
         mean = ops.mean(inputs, axis=axes)
         mean = mean + ops.mean(inputs - mean, axis=axes)
         centred = inputs - mean
@@ -52,6 +54,22 @@ class TorchVarianceBatchNormalization(keras.layers.BatchNormalization):
         for i in axes:
             count = count * ops.shape(inputs)[i]
         return mean, variance, ops.cast(count, inputs.dtype)
+
+    def _synchronized_moments(self, inputs, axes):
+        # ``synchronized=True``: the same two-pass moments over every replica's batch
+        # (sums all-reduced in the replica context). Keras's own layer does this in
+        # ``ops.moments(..., synchronized=True)``, which ``call`` below bypasses, so
+        # without this branch the flag would be accepted and silently ignored.
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        total = (lambda t: context.all_reduce("sum", t)) if context else (lambda t: t)
+        count = total(ops.cast(ops.size(inputs) // ops.shape(inputs)[self.axis], inputs.dtype))
+        mean = total(ops.sum(inputs, axis=axes)) / count
+        mean = mean + total(ops.sum(inputs - mean, axis=axes)) / count
+        centred = inputs - mean
+        variance = total(ops.sum(centred * centred, axis=axes)) / count
+        return mean, variance, count
 
     def _normalise(self, inputs, mean, variance):
         return ops.batch_normalization(inputs, mean=mean, variance=variance, axis=self.axis,

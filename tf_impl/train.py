@@ -10,6 +10,7 @@ gradients). The inference-mode loss at the pre-update weights is taken by
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
@@ -62,14 +63,21 @@ def make_optimizer(config) -> keras.optimizers.Optimizer:
                                  epsilon=config.adam_epsilon)
 
 
-def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True):
-    """BatchNorm factory: the legacy layer for ``naive``, torch's variance convention for parity."""
+def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True,
+                   synchronized: bool = False):
+    """BatchNorm factory: the legacy layer for ``naive``, torch's variance convention for parity.
+
+    ``synchronized=True``: Keras's ``BatchNormalization(synchronized=True)``, batch
+    moments over every replica of a distribution strategy.
+    """
     if strategy == "naive":
         cls = LegacyBatchNormalization
     elif reconcile_bn_variance:
         cls = TorchVarianceBatchNormalization
     else:
         cls = keras.layers.BatchNormalization
+    if synchronized:
+        cls = functools.partial(cls, synchronized=True)
     return default_norm_layer(arch_config(arch), cls)
 
 
@@ -78,7 +86,11 @@ class BatchLoss(keras.metrics.Metric):
 
     def __init__(self, name: str = "batch_loss", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.value = self.add_variable(shape=(), initializer="zeros", name="value", dtype=self.dtype)
+        # "mean": under a distribution strategy each replica holds its shard's mean loss;
+        # a read averages them (the global batch's loss, for equal shards). Keras's
+        # default for metric variables, "sum", would report replicas x the loss.
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value",
+                                       dtype=self.dtype, aggregation="mean")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
@@ -184,20 +196,51 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     return export_weights(model), {"loss": loss, "accuracy": accuracy}
 
 
+class _OneProcess:
+    """The replica context of a single-process run: no strategy, no extra callbacks.
+
+    ``tf_impl.distributed.Replica`` has the same methods for MirroredStrategy.
+    """
+
+    synchronized_bn = False
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def callbacks(self) -> list:
+        return []
+
+    def attach(self, model) -> None:
+        pass
+
+
 def _state(model) -> dict[str, np.ndarray]:
     # float64 so that a float64 run's snapshot loses nothing
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
-def run(config: RunConfig) -> RunRecord:
-    """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
+def run(config: RunConfig, replica=None) -> RunRecord:
+    """Fine-tune on the target domain with ``config.strategy``; the per-step record.
+
+    ``replica`` (``tf_impl.distributed.Replica``) runs it under a MirroredStrategy:
+    model, optimizer and ``fit`` in the strategy's scope; ``fit`` splits each global
+    batch over the replicas; the record reads replica 0's variables.
+    """
+    replica = replica or _OneProcess()
+    with replica.scope():
+        return _run(config, replica)
+
+
+def _run(config: RunConfig, replica) -> RunRecord:
     keras.utils.set_random_seed(config.seed)
     prepared = prepare(config)
     strategy = get_strategy(config.strategy)
     model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
                         norm_layer=norm_layer_for(config.arch, strategy.name,
-                                                  config.reconcile_bn_variance),
+                                                  config.reconcile_bn_variance,
+                                                  replica.synchronized_bn),
                         dtype=config.dtype)
+    replica.attach(model)
     import_weights(model, prepared.initial, prepared.checkpoint)
     apply_strategy(model, strategy)
     before = _state(model)
@@ -225,6 +268,6 @@ def run(config: RunConfig) -> RunRecord:
                     metrics=[BatchLoss(dtype=config.dtype)])
     order = np.concatenate(prepared.indices)
     trainee.fit(inputs[order], prepared.train.labels[order], batch_size=config.batch_size,
-                epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
+                epochs=1, shuffle=False, verbose=0, callbacks=[*replica.callbacks(), recorder])
     heldout = recorder.heldout + [HeldOut(config.steps, *heldout_eval())]
     return finish("tf", config, recorder.steps, heldout, before, _state(model))

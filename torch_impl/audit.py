@@ -172,10 +172,42 @@ def _owners(parameter_names: list[str]) -> list[str]:
     return list(dict.fromkeys(n.rpartition(".")[0] or n for n in parameter_names))
 
 
-def audit(model: nn.Module, optimizer=None) -> AuditReport:
+def _replica_hazards(model: nn.Module, leaves, rows, modules) -> list:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (isinstance(model, DistributedDataParallel) and model.broadcast_buffers):
+        return []
+    frozen_batch = [row.name for (name, module), row in zip(leaves, rows)
+                    if isinstance(module, _BATCH_NORM) and row.norm_mode == "batch"
+                    and _frozen_part(modules, name)]
+    return [make_hazard("TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS", frozen_batch)] if frozen_batch else []
+
+
+def _sync_conversion_hazards(model: nn.Module, reference: nn.Module, training) -> list:
+    """SyncBatchNorm modules whose same-named BatchNorm in ``reference`` was frozen and is not now."""
+    before = dict(reference.named_modules())
+    reference_training = _modes_after_train(reference)
+    lost = []
+    for name, module in model.named_modules():
+        # a DDP wrapper adds "module." in front of the wrapped model's names
+        old_name = name if name in before else name.removeprefix("module.")
+        old = before.get(old_name)
+        if not isinstance(module, nn.SyncBatchNorm) or not isinstance(old, _BATCH_NORM):
+            continue
+        grads_lost = (any(p.requires_grad for p in module.parameters(recurse=False))
+                      and not any(p.requires_grad for p in old.parameters(recurse=False)))
+        eval_lost = training[name] and not reference_training[old_name]
+        if grads_lost or eval_lost:
+            lost.append(name)
+    return [make_hazard("TORCH_SYNC_BN_CONVERSION_LOST_FREEZE", lost)] if lost else []
+
+
+def audit(model: nn.Module, optimizer=None, reference: nn.Module | None = None) -> AuditReport:
     """Rows and hazards of ``model`` (and ``optimizer``) for the next training step.
 
-    Leaves every flag, parameter and buffer of ``model`` as it found them.
+    ``reference``: the model before a SyncBatchNorm conversion, to check that the
+    conversion kept every frozen BatchNorm frozen. Leaves every flag, parameter and
+    buffer of ``model`` (and ``reference``) as it found them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit needs a torch.nn.Module, got {type(model).__name__}")
@@ -205,6 +237,9 @@ def audit(model: nn.Module, optimizer=None) -> AuditReport:
         hazards.append(make_hazard("TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN", depth))
     if optimizer is not None:
         hazards.extend(_optimizer_hazards(model, optimizer))
+    hazards.extend(_replica_hazards(model, leaves, rows, modules))
+    if reference is not None:
+        hazards.extend(_sync_conversion_hazards(model, reference, training))
     return AuditReport("torch", rows, hazards)
 
 

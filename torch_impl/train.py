@@ -129,14 +129,39 @@ def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
     return export_weights(model), {"loss": loss, "accuracy": accuracy}
 
 
+class _OneProcess:
+    """The replica context of a single-process run: the whole batch, no wrapper, no reduction.
+
+    ``torch_impl.distributed.Replica`` has the same methods for a DDP rank.
+    """
+
+    def shard(self, idx: np.ndarray) -> np.ndarray:
+        return idx
+
+    def wrap(self, trainee: nn.Module, model: nn.Module) -> nn.Module:
+        return trainee
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def on_step(self, step: int) -> None:
+        pass
+
+
 def _state(model: nn.Module) -> dict[str, np.ndarray]:
     # float64 so that a float64 run's snapshot loses nothing
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
 @run_threads()
-def run(config: RunConfig) -> RunRecord:
-    """Fine-tune on the target domain with ``config.strategy``; the per-step record."""
+def run(config: RunConfig, replica=None) -> RunRecord:
+    """Fine-tune on the target domain with ``config.strategy``; the per-step record.
+
+    ``replica`` (``torch_impl.distributed.Replica``) makes this one DDP rank: it trains
+    on its shard of each global batch through the DDP-wrapped model, and the recorded
+    losses are the mean over ranks (the global batch's loss when shards are equal).
+    """
+    replica = replica or _OneProcess()
     prepared = prepare(config)
     strategy = get_strategy(config.strategy)
     model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
@@ -162,19 +187,22 @@ def run(config: RunConfig) -> RunRecord:
         inputs = lambda idx: _tensor(prepared.train.images[idx], config.dtype)  # noqa: E731
         heldout_eval = lambda: evaluate(model, prepared.heldout)  # noqa: E731
 
+    trainee = replica.wrap(forward, model)
     model.train()
     for step, idx in enumerate(prepared.indices):
+        replica.on_step(step)
         if step in points:
             heldout.append(HeldOut(step, *heldout_eval()))
+        idx = replica.shard(idx)
         x, y = inputs(idx), torch.from_numpy(prepared.train.labels[idx])
         head.eval()
         with torch.no_grad():
             eval_loss = float(_LOSS(forward(x), y))
         head.train()
-        loss = _LOSS(forward(x), y)
+        loss = _LOSS(trainee(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        steps.append(StepRecord(step, float(loss.detach()), eval_loss))
+        steps.append(StepRecord(step, replica.mean(float(loss.detach())), replica.mean(eval_loss)))
     heldout.append(HeldOut(config.steps, *heldout_eval()))
     return finish("torch", config, steps, heldout, before, _state(model))

@@ -59,6 +59,9 @@ def add_parser(parser) -> None:
                         help="smoke test: 1 repeat, N=2 and 4 steps, no warm-up, 1 thread, idle memory only, frameworks "
                              "and memory processes concurrently; figures meaningless")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here (JSON)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="instead: per-step time of a data-parallel run with this many "
+                             "replicas vs one process, per framework (frozen, tinyconv)")
 
 
 def config_from_args(args) -> BenchConfig:
@@ -78,9 +81,42 @@ def config_from_args(args) -> BenchConfig:
     return config
 
 
+def _run_replicas(args) -> int:
+    from shared import distributed
+
+    if args.replicas < 2:
+        raise UsageError(f"--replicas must be >= 2, got {args.replicas}")
+    checkpoint = str(args.checkpoint) if args.checkpoint else None
+    if checkpoint is None:
+        from shared.pretrain import ensure_checkpoint
+
+        checkpoint = str(ensure_checkpoint(args.arch))
+    repeats = args.repeats or 3
+    rows = []
+    for fw in args.framework or FRAMEWORK_ORDER:
+        print(f"bench: {fw}, one process vs {args.replicas} replicas ...", file=sys.stderr, flush=True)
+        try:
+            rows.append(distributed.bench_replicas(fw, checkpoint, replicas=args.replicas,
+                                                   repeats=repeats))
+        except distributed.DistributedError as exc:
+            print(" ".join(str(exc).split()), file=sys.stderr)
+            return 1
+    if args.json:
+        atomic_write_json(args.json, {"replicas": rows})
+    print(f"frozen tinyconv, global batch 32, marginal per step (10 -> 90 steps), median of "
+          f"{repeats}:")
+    for row in rows:
+        print(f"  {row['framework']:<5} 1 process {1000 * row['single_step_s']:7.2f} ms   "
+              f"{row['replicas']} replicas {1000 * row['replicas_step_s']:7.2f} ms   "
+              f"ratio {row['ratio']:.2f}x")
+    return 0
+
+
 def run(args) -> int:
     from rich.console import Console
 
+    if args.replicas != 1:
+        return _run_replicas(args)
     config = config_from_args(args)
     if args.json:
         check_output_file(args.json, "--json")  # before minutes of measuring

@@ -45,6 +45,10 @@ def add_parser(parser) -> None:
                         help=f"directory for report.md, report.json, figure.png (default {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="also run every strategy data-parallel with this many replicas "
+                             "(torch DDP via torchrun, tf MirroredStrategy) and add a table of "
+                             "one process vs replicas (default 1: single process only)")
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -120,6 +124,9 @@ def run(args) -> int:
     strategies = parse_strategies(args.strategies)
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.replicas < 1 or RunConfig.batch_size % args.replicas:
+        raise UsageError(f"--replicas must be >= 1 and divide the batch of {RunConfig.batch_size}, "
+                         f"got {args.replicas}")
     configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
                                optimizer=args.optimizer, learning_rate=args.lr)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
@@ -153,6 +160,17 @@ def run(args) -> int:
                 "dtype": first.dtype, "checkpoint": checkpoint, "strategies": list(configs),
                 "versions": _versions()}
     report = build_report(pairs, settings)
+    if args.replicas > 1:
+        from shared import distributed
+
+        if not args.quiet:
+            print(f"freeze-parity compare: data-parallel runs, {args.replicas} replicas per "
+                  f"framework ...", file=sys.stderr, flush=True)
+        replicated = distributed.replica_jobs(list(configs), configs, args.replicas)
+        singles = {(r.framework, r.strategy): r for pair in pairs for r in pair}
+        report.replicas = distributed.replica_section(singles, replicated)
+        report.failures += report.replicas["failures"]
+        report.settings["replicas"] = args.replicas
     paths = write_reports(report, out)
 
     # --- output -------------------------------------------------------------------------
@@ -161,13 +179,31 @@ def run(args) -> int:
     else:
         from rich.console import Console
 
-        table = render_table(report)
+        tables = [render_table(report)]
+        if report.replicas is not None:
+            tables.append(_replica_table(report.replicas))
         console = Console()
-        console = Console(width=max(console.width, table_width(table, console)))
-        console.print(table)
+        console = Console(width=max(console.width, *(table_width(t, console) for t in tables)))
+        for table in tables:
+            console.print(table)
         for failure in report.failures:
             print(f"FAILED: {failure}")
         print(("every declared expectation and cross-framework parity holds" if report.ok else
                f"{len(report.failures)} failure(s)") + f"; reports: {', '.join(map(str, paths.values()))}")
     return 0 if report.ok else 1
 
+
+
+def _replica_table(section: dict):
+    from rich import box
+    from rich.table import Table
+
+    from shared.distributed import REPLICA_COLUMNS, replica_cells
+
+    table = Table(title="one process vs data parallel (same global batch)", box=box.SQUARE,
+                  title_justify="left", caption=section["notes"], caption_justify="left")
+    for _, title, fmt in REPLICA_COLUMNS:
+        table.add_column(title, justify="left" if fmt is None else "right", no_wrap=True)
+    for row, cells in zip(section["rows"], replica_cells(section)):
+        table.add_row(*cells, style=None if row["verdict"] == "ok" else "bold red")
+    return table

@@ -1,0 +1,518 @@
+"""Data-parallel runs: the framework-free half (sharding, launching, collecting, expectations).
+
+A replica runs the same ``train.run`` as the single-process run, on its shard
+of each global batch; the real launchers are the only new part:
+
+* torch: ``python -m torch.distributed.run`` (torchrun) starts one process per
+  rank, gloo backend on 127.0.0.1 and a free port; each rank runs
+  ``torch_impl.distributed`` (DistributedDataParallel).
+* tf: one process, ``tf_impl.distributed``, configures N logical CPU devices
+  before TensorFlow initialises its devices (which the caller's process has
+  usually done already: that is why it is a subprocess) and trains under
+  ``tf.distribute.MirroredStrategy`` with Keras ``fit``.
+
+A job is a list of entries (a run or a probe); every process writes its results
+to one JSON file in a temporary directory the parent reads back. The parent
+starts the launcher in its own process group, gives it a deadline, and kills
+the whole group whatever happens, so no rank outlives the call. A rank that
+exits non-zero is reported in one line naming the rank and its exit status,
+and no result is returned.
+
+Global batch = the single-process batch (``RunConfig.batch_size``, 32): rank
+``r`` of ``R`` takes the contiguous slice ``r`` of each global batch, the same
+samples in the same order (Keras's distributed dataset splits a batch the same
+way). Records are the single-process :class:`~shared.record.RunRecord` as rank
+(replica) 0 sees it, with every replica's BatchNorm statistics at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared import tolerances as tol
+from shared.frameworks import check_framework
+from shared.io import atomic_write_json
+from shared.record import RunConfig, RunRecord
+from shared.strategies import get_strategy
+
+__all__ = [
+    "FAIL_ENV",
+    "KILL_GRACE_S",
+    "REPLICAS",
+    "REPLICA_COLUMNS",
+    "SYNC_SUFFIX",
+    "TIMEOUT_PER_ENTRY_S",
+    "TIMEOUT_S",
+    "DistributedError",
+    "ReplicaComparison",
+    "ReplicaOptions",
+    "ReplicaRecord",
+    "bench_replicas",
+    "compare_replicas",
+    "free_port",
+    "inject_failure",
+    "launch",
+    "parse_failure_injection",
+    "replica_cells",
+    "replica_expectation",
+    "replica_jobs",
+    "replica_markdown",
+    "replica_section",
+    "replica_tolerance",
+    "run_job",
+    "run_replicas",
+    "shard",
+]
+
+REPLICAS = 2
+# The deadline of a job: TIMEOUT_S plus TIMEOUT_PER_ENTRY_S per run or probe. Imports
+# take 5-15 s on 2 busy cores and a 30-step run 5-30 s; a rank that waits on a dead or
+# hung peer never ends by itself, so every launch has one.
+TIMEOUT_S = 120.0
+TIMEOUT_PER_ENTRY_S = 60.0
+# seconds a launcher's process group gets to end after SIGTERM (then SIGKILL, as long again)
+KILL_GRACE_S = 5.0
+# "RANK:STATUS:STEP": that rank exits with STATUS at the start of step STEP (tests only)
+FAIL_ENV = "FREEZE_PARITY_FAIL_RANK"
+WORKERS = {"torch": "torch_impl.distributed", "tf": "tf_impl.distributed"}
+
+
+class DistributedError(ValueError):
+    """A data-parallel job failed (a rank died, hung, or returned no result): one line."""
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    replicas: int = REPLICAS
+    # torch DDP: broadcast rank 0's buffers (BN statistics) to every rank at each forward
+    broadcast_buffers: bool = True
+    # torch DDP: look for parameters that got no gradient after each backward
+    find_unused_parameters: bool = False
+    # Keras: BatchNormalization(synchronized=True) (moments all-reduced over replicas)
+    synchronized_bn: bool = False
+
+    def __post_init__(self):
+        if int(self.replicas) < 2:
+            raise ValueError(f"replicas must be >= 2, got {self.replicas}")
+
+
+@dataclass
+class ReplicaRecord:
+    """A data-parallel run: rank 0's RunRecord, plus what every replica ended with."""
+
+    record: RunRecord
+    options: ReplicaOptions
+    launcher: str
+    # per replica: canonical BN statistic key (base.block1.bn.running_mean) -> values
+    replica_bn: list[dict[str, list[float]]] = field(default_factory=list)
+    # what the saved model's BN statistics are (the framework's own read / rank 0's save)
+    saved_bn: dict[str, list[float]] = field(default_factory=dict)
+    # per process, measured facts of its engine (e.g. statistics after one more DDP forward)
+    extra: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"record": self.record.to_dict(), "options": asdict(self.options),
+                "launcher": self.launcher, "replica_bn": self.replica_bn,
+                "saved_bn": self.saved_bn, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "replica record") -> ReplicaRecord:
+        try:
+            return cls(RunRecord.from_dict(data["record"], where), ReplicaOptions(**data["options"]),
+                       str(data["launcher"]), list(data["replica_bn"]), dict(data["saved_bn"]),
+                       list(data.get("extra", [])))
+        except (KeyError, TypeError) as exc:
+            raise DistributedError(f"{where}: malformed result ({exc})") from None
+
+    def replica_spread(self) -> float:
+        """Largest difference of any BN statistic between replica 0 and another replica."""
+        first = self.replica_bn[0]
+        return max((float(np.max(np.abs(np.subtract(first[k], other[k]))))
+                    for other in self.replica_bn[1:] for k in first), default=0.0)
+
+    def saved_matches(self) -> list[str]:
+        """Which replicas' statistics the saved ones are bit-identical to ("replica 0", ...)."""
+        found = [f"replica {i}" for i, stats in enumerate(self.replica_bn)
+                 if stats.keys() == self.saved_bn.keys()
+                 and all(np.array_equal(stats[k], self.saved_bn[k]) for k in stats)]
+        if self.replica_bn and not found and all(
+                np.allclose(np.mean([s[k] for s in self.replica_bn], axis=0), self.saved_bn[k],
+                            rtol=0, atol=tol.SAME_FRAMEWORK_ATOL) for k in self.saved_bn):
+            found.append("mean of replicas")
+        return found
+
+
+def shard(indices: np.ndarray, rank: int, replicas: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous slice of one global batch (equal slices)."""
+    indices = np.asarray(indices)
+    if replicas < 1 or not 0 <= rank < replicas:
+        raise ValueError(f"shard: rank {rank} out of range for {replicas} replicas")
+    if len(indices) % replicas:
+        raise ValueError(f"shard: global batch of {len(indices)} does not split into "
+                         f"{replicas} equal shards")
+    size = len(indices) // replicas
+    return indices[rank * size:(rank + 1) * size]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HANG = -1  # the injected "status" of a rank that stops and waits forever
+
+
+def parse_failure_injection(text: str | None) -> tuple[int, int, int] | None:
+    """``"1:3:2"`` -> (rank 1, exit status 3, at step 2); ``"1:hang:2"``: rank 1 hangs there."""
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) == 3 and parts[1] == "hang":
+        parts[1] = str(HANG)
+    if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"{FAIL_ENV}={text!r}: expected RANK:STATUS:STEP or RANK:hang:STEP, "
+                         f"e.g. 1:3:2")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def inject_failure(status: int) -> None:
+    """Die with ``status`` now, as a crashing rank does (no cleanup), or hang forever."""
+    sys.stderr.flush()
+    if status == HANG:
+        while True:
+            time.sleep(3600)
+    os._exit(status)
+
+
+def _command(framework: str, replicas: int, job: Path, out: Path) -> tuple[list[str], str]:
+    worker = ["-m", WORKERS[framework], str(job), str(out)]
+    if framework == "tf":
+        return [sys.executable, *worker], f"tf MirroredStrategy ({replicas} logical CPU devices)"
+    port = free_port()
+    return ([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+             f"--nproc-per-node={replicas}", "--master-addr=127.0.0.1", f"--master-port={port}",
+             "--max-restarts=0", "--monitor-interval=0.2", *worker],
+            f"torch DDP via torchrun ({replicas} ranks, gloo, 127.0.0.1:{port})")
+
+
+# torchrun's failure summary: "rank      : 1 (local_rank: 1)" / "exitcode  : 3 (pid: ...)"
+_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)", re.MULTILINE)
+_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
+
+
+def _failure_line(framework: str, launcher: str, status: int, stderr: str) -> str:
+    # torchrun lists every failed rank (the others it stopped with SIGTERM) and then the
+    # "Root Cause (first observed failure)": the rank that died first
+    cause = stderr.rsplit("Root Cause", 1)[-1]
+    ranks, codes = _RANK.findall(cause), _EXIT.findall(cause)
+    if framework == "torch" and ranks and codes:
+        return (f"{launcher}: rank {ranks[0]} exited with status {codes[0]}; "
+                f"no result (torchrun exit status {status})")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    where = "the process holding every replica" if framework == "tf" else "the launcher"
+    return (f"{launcher}: {where} exited with status {status}; no result"
+            + (f" (last message: {last[:200]})" if last else ""))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End every process of the launcher's group: SIGTERM, then SIGKILL (also after a
+    normal exit, for any rank the launcher left behind)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=KILL_GRACE_S)
+
+
+def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
+           timeout_s: float | None = None, env: dict | None = None) -> list[dict]:
+    """Run ``entries`` in the framework's worker(s); rank 0's results, one per entry.
+
+    Every rank's results come back too, under ``"ranks"`` of each result. Raises
+    DistributedError (one line) on a non-zero exit, a timeout, or a missing result.
+    ``timeout_s`` None: TIMEOUT_S + TIMEOUT_PER_ENTRY_S per entry.
+    """
+    check_framework(framework)
+    if timeout_s is None:
+        timeout_s = TIMEOUT_S + TIMEOUT_PER_ENTRY_S * len(entries)
+    with tempfile.TemporaryDirectory(prefix=f"freeze-parity-{framework}-replicas-") as tmp:
+        tmp = Path(tmp)
+        job, out = tmp / "job.json", tmp / "out"
+        out.mkdir()
+        atomic_write_json(job, {"replicas": replicas, "entries": entries})
+        command, launcher = _command(framework, replicas, job, out)
+        run_env = {**os.environ, **(env or {})}
+        run_env.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
+        stderr_path = tmp / "stderr.txt"
+        with open(stderr_path, "w+", encoding="utf-8", errors="replace") as stderr:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                    env=run_env, start_new_session=True)
+            try:
+                status = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise DistributedError(f"{launcher}: no result after {timeout_s:g} s (a hung "
+                                       f"rank?); stopped its process group") from None
+            finally:
+                _kill_group(proc)
+            stderr.seek(0)
+            text = stderr.read()
+        if status != 0:
+            raise DistributedError(_failure_line(framework, launcher, status, text))
+        results = []
+        for rank in range(replicas if framework == "torch" else 1):
+            path = out / f"rank{rank}.json"
+            if not path.is_file():
+                raise DistributedError(f"{launcher}: rank {rank} exited 0 but wrote no result")
+            results.append(json.loads(path.read_text(encoding="utf-8")))
+    merged = []
+    for i, result in enumerate(results[0]):
+        merged.append({**result, "launcher": launcher,
+                       "ranks": [r[i] for r in results]})
+    return merged
+
+
+def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
+            probes: tuple[str, ...] = (), timeout_s: float | None = None,
+            env: dict | None = None) -> dict:
+    """Many runs (and named probes) in ONE launch: key -> ReplicaRecord (probes: key -> dict).
+
+    Every run of a job must use the same number of replicas.
+    """
+    counts = {options.replicas for _, options in runs.values()} or {REPLICAS}
+    if len(counts) != 1:
+        raise ValueError(f"run_job: one replica count per job, got {sorted(counts)}")
+    entries = [{"key": key, "kind": "run", "config": asdict(config), "options": asdict(options)}
+               for key, (config, options) in runs.items()]
+    entries += [{"key": name, "kind": "probe"} for name in probes]
+    results = launch(framework, entries, counts.pop(), timeout_s, env)
+    out = {}
+    for entry, result in zip(entries, results):
+        if entry["kind"] == "run":
+            ranks = result["ranks"]
+            out[entry["key"]] = ReplicaRecord.from_dict(
+                {**result, "replica_bn": [s for r in ranks for s in r["replica_bn"]],
+                 "extra": [r["extra"] for r in ranks]}, f"{framework} {entry['key']}")
+        else:
+            out[entry["key"]] = {"ranks": [r["probe"] for r in result["ranks"]]}
+    return out
+
+
+def run_replicas(framework: str, config: RunConfig, options: ReplicaOptions | None = None,
+                 timeout_s: float | None = None) -> ReplicaRecord:
+    """One data-parallel run of ``config`` in ``framework``."""
+    return run_job(framework, {"run": (config, options or ReplicaOptions())},
+                   timeout_s=timeout_s)["run"]
+
+
+# --- expectations ----------------------------------------------------------------------
+
+
+def replica_expectation(strategy: str, framework: str, options: ReplicaOptions) -> str:
+    """"match" (the single-process losses within REPLICA_STEP) or "differ" (above TRAP_MIN_GAP).
+
+    BatchNorm on stored statistics computes the same function of each sample on
+    every replica, and averaged gradients of equal shards are the global batch's
+    gradient: the run matches. BatchNorm on batch statistics normalises each shard
+    with that shard's moments: it differs, unless the moments are all-reduced
+    (Keras ``synchronized=True``; torch SyncBatchNorm needs GPUs).
+    """
+    strategy_ = get_strategy(strategy)
+    check_framework(framework)
+    if strategy_.bn_mode == "stored":
+        return "match"
+    if framework == "tf" and options.synchronized_bn and strategy != "naive":
+        return "match"
+    return "differ"
+
+
+def replica_tolerance(strategy: str, options: ReplicaOptions) -> tuple[str, float]:
+    """The named tolerance a "match" is judged with."""
+    if options.synchronized_bn and get_strategy(strategy).bn_mode == "batch":
+        return "REPLICA_SYNC_BN_STEP_ATOL", tol.REPLICA_SYNC_BN_STEP_ATOL
+    return "REPLICA_STEP_ATOL", tol.REPLICA_STEP_ATOL
+
+
+@dataclass
+class ReplicaComparison:
+    strategy: str
+    framework: str
+    replicas: int
+    expected: str  # "match" or "differ"
+    tolerance: str
+    max_diff: float  # largest |single - replicas| over per-step train/eval and held-out losses
+    replica_spread: float
+    saved_bn: list[str]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaComparison:
+    """The data-parallel run against the single-process run of the same config."""
+    rec = replicated.record
+    if (single.framework, single.strategy) != (rec.framework, rec.strategy) or \
+            single.config != rec.config:
+        raise ValueError(f"compare_replicas: records are of different runs ({single.framework} "
+                         f"{single.strategy} vs {rec.framework} {rec.strategy})")
+    diffs = [abs(a - b) for a, b in zip(single.train_losses, rec.train_losses)]
+    diffs += [abs(a - b) for a, b in zip(single.eval_losses, rec.eval_losses)]
+    diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout)]
+    max_diff = max(diffs, default=0.0)
+    expected = replica_expectation(rec.strategy, rec.framework, replicated.options)
+    name, atol = replica_tolerance(rec.strategy, replicated.options)
+    cmp = ReplicaComparison(rec.strategy, rec.framework, replicated.options.replicas, expected,
+                            name if expected == "match" else "TRAP_MIN_GAP",
+                            max_diff, replicated.replica_spread(), replicated.saved_matches())
+    if expected == "match" and max_diff > atol:
+        cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected the "
+                            f"single-process losses, differs by {max_diff:.3g} "
+                            f"(tolerance {name} {atol:g})")
+    if expected == "differ" and max_diff <= tol.TRAP_MIN_GAP:
+        cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected per-replica "
+                            f"BatchNorm statistics to change the losses, but they differ by only "
+                            f"{max_diff:.3g} (TRAP_MIN_GAP {tol.TRAP_MIN_GAP:g})")
+    return cmp
+
+
+# --- the compare table's replica section ---------------------------------------------------
+
+SYNC_SUFFIX = " (synchronized BN)"
+# (key, title, format): one row per strategy, both frameworks' columns side by side
+REPLICA_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("run", "strategy", None),
+    *((k, t, f) for fw in ("tf", "torch") for k, t, f in (
+        (f"{fw}_single", f"{fw} 1 process", ".4f"),
+        (f"{fw}_replicas", f"{fw} replicas", ".4f"),
+        (f"{fw}_diff", f"{fw} max Δ", ".3g"),
+        (f"{fw}_spread", f"{fw} BN spread", ".3g"),
+        (f"{fw}_expected", f"{fw} expected", None))),
+    ("verdict", "verdict", None),
+)
+REPLICA_COLUMN_NOTES = (
+    "1 process / replicas: training-mode loss of the last step, one process with the whole "
+    "batch vs N replicas of batch/N each (same samples, same order); max Δ: largest absolute per-step train/eval or held-out loss "
+    "difference between them; BN spread: largest difference of a BN statistic between replica "
+    "0 and any other replica at the end; expected: declared (match within REPLICA_STEP_ATOL, or differ "
+    "by more than TRAP_MIN_GAP); saved BN statistics are replica 0's in both frameworks.")
+
+
+def replica_section(singles: dict[tuple[str, str], RunRecord],
+                    replicated: dict[tuple[str, str], ReplicaRecord]) -> dict:
+    """Rows and failures of the replica table from ``(framework, key)`` -> records.
+
+    ``key`` is a strategy name, or ``name + SYNC_SUFFIX`` for a synchronized-BN run
+    (compared with the single-process run of ``name``).
+    """
+    keys = list(dict.fromkeys(key for _, key in replicated))
+    rows, failures = [], []
+    for key in keys:
+        strategy = key.removesuffix(SYNC_SUFFIX)
+        row, problems = {"run": key}, []
+        for fw in ("tf", "torch"):
+            if (fw, key) not in replicated:
+                row.update({f"{fw}_{c}": "-" for c in ("single", "replicas", "diff", "spread",
+                                                        "expected")})
+                continue
+            rec, single = replicated[(fw, key)], singles[(fw, strategy)]
+            cmp = compare_replicas(single, rec)
+            row.update({f"{fw}_single": single.train_losses[-1],
+                        f"{fw}_replicas": rec.record.train_losses[-1], f"{fw}_diff": cmp.max_diff,
+                        f"{fw}_spread": cmp.replica_spread, f"{fw}_expected": cmp.expected})
+            failures += cmp.failures
+            problems += [fw] if cmp.failures else []
+        row["verdict"] = "ok" if not problems else "FAIL: " + ", ".join(problems)
+        rows.append(row)
+    return {"columns": [{"key": k, "title": t, "format": f} for k, t, f in REPLICA_COLUMNS],
+            "notes": REPLICA_COLUMN_NOTES, "rows": rows, "failures": failures}
+
+
+def replica_cells(section: dict) -> list[list[str]]:
+    return [[str(row[k]) if f is None or isinstance(row[k], str) else format(float(row[k]), f)
+             for k, _, f in REPLICA_COLUMNS] for row in section["rows"]]
+
+
+def replica_markdown(section: dict) -> list[str]:
+    lines = ["## Data parallel: one process vs 2 replicas", "",
+             "| " + " | ".join(t for _, t, _ in REPLICA_COLUMNS) + " |",
+             "|" + "|".join("---" if f is None else "---:" for _, _, f in REPLICA_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in replica_cells(section)]
+    return [*lines, "", section["notes"]]
+
+
+def replica_jobs(strategies: list[str], configs: dict[str, RunConfig], replicas: int,
+                 timeout_s: float | None = None) -> dict[tuple[str, str], ReplicaRecord]:
+    """Every strategy data-parallel in both frameworks (one launch each, concurrently), plus
+    Keras ``full`` with synchronized BN: ``(framework, key)`` -> ReplicaRecord."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = ReplicaOptions(replicas=replicas)
+    runs = {fw: {s: (configs[s], plain) for s in strategies} for fw in ("tf", "torch")}
+    for s in strategies:
+        if get_strategy(s).bn_mode == "batch" and s != "naive":
+            runs["tf"][s + SYNC_SUFFIX] = (configs[s], ReplicaOptions(replicas=replicas,
+                                                                     synchronized_bn=True))
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {fw: pool.submit(run_job, fw, runs[fw], (), timeout_s) for fw in ("tf", "torch")}
+        done = {fw: job.result() for fw, job in jobs.items()}
+    order = [s for strategy in strategies
+             for s in (strategy, strategy + SYNC_SUFFIX)]
+    return {(fw, key): done[fw][key] for key in order for fw in ("tf", "torch") if key in done[fw]}
+
+
+# --- cost: per-step time of the replicated run against one process ------------------------
+
+
+def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
+                   steps: tuple[int, int] = (10, 90), replicas: int = REPLICAS, repeats: int = 3,
+                   timeout_s: float | None = None) -> dict:
+    """Marginal per-step wall time, one process vs ``replicas``, timed in ONE launch.
+
+    Per repeat, both configurations run ``steps[0]`` and ``steps[1]`` steps in the
+    worker; the per-step figure is ``(T(long) - T(short)) / (long - short)``, so
+    imports, model building, tracing and held-out evaluations at fixed points cancel
+    (the held-out evaluations every 10 steps do not: both configurations pay them).
+    The single-process runs happen in the same kind of process (torch: rank 0 while
+    the other ranks wait), so both figures pay the same machine. Medians over repeats.
+    """
+    short, long_ = steps
+    if not 0 < short < long_:
+        raise ValueError(f"bench_replicas: steps must be 0 < short < long, got {steps}")
+    options = ReplicaOptions(replicas=replicas)
+    entries = []
+    for repeat in range(repeats):
+        for kind, opts in (("single", None), ("replicas", options)):
+            for n in steps:
+                config = RunConfig(strategy=strategy, steps=n, checkpoint=checkpoint)
+                entries.append({"key": f"{kind}-{n}-{repeat}", "kind": "time",
+                                "config": asdict(config), "options": opts and asdict(opts)})
+    results = launch(framework, entries, replicas, timeout_s)
+    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results)}
+    per_step = {kind: [(seconds[f"{kind}-{long_}-{i}"] - seconds[f"{kind}-{short}-{i}"])
+                       / (long_ - short) for i in range(repeats)]
+                for kind in ("single", "replicas")}
+    ratios = [r / s for r, s in zip(per_step["replicas"], per_step["single"])]
+    return {"framework": framework, "strategy": strategy, "replicas": replicas,
+            "steps": list(steps), "repeats": repeats,
+            "single_step_s": float(np.median(per_step["single"])),
+            "replicas_step_s": float(np.median(per_step["replicas"])),
+            "ratio": float(np.median(ratios)), "raw_seconds": seconds}
