@@ -77,7 +77,7 @@ RESNET_BATCH_STATS_STEP_RTOL = 5e-3
 RESNET_FULL_FLOAT32_STEP_ATOL = 1e-1
 RESNET_FULL_FLOAT32_STEP_RTOL = 1e-1
 # The same ResNet-18 runs in float64 with a learning rate and momentum exact in float32
-# (2**-6, 0.875), 12 steps: bn_adapt 5.1e-14, full 1.5e-13 measured (float64 rounding);
+# (2**-6, 0.875), over 12 steps: bn_adapt 5.1e-14, full 1.5e-13 measured (float64 rounding);
 # a real difference in the maths (a BN convention, the running-variance update) shows
 # at >= 1e-6 (the float32 learning rate alone: 1e-7).
 RESNET_FLOAT64_STEP_ATOL = 1e-10
