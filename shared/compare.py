@@ -5,8 +5,10 @@ inference-mode loss, and at each held-out point for the held-out loss; a
 value passes when ``|a - b| <= atol + rtol * |b|`` (numpy's ``allclose``
 rule). The tolerance comes from :mod:`shared.tolerances` by name: the
 default ``STEP_LOSS_*``, or an exception with its reason (see
-:func:`step_tolerance`). ``naive`` is expected to *differ*: each framework's
-classic mistake is a different mistake.
+:func:`step_tolerance`: ``full`` in float32 or with Adam, and on ResNet-18
+every strategy that normalises with batch statistics in float32). ``naive``
+is expected to *differ*: each framework's classic mistake is a different
+mistake.
 """
 
 from __future__ import annotations
@@ -39,9 +41,16 @@ class Tolerance:
     rtol: float
 
 
-def step_tolerance(strategy: str, optimizer: str, dtype: str = "float32") -> Tolerance:
+def step_tolerance(strategy: str, optimizer: str, dtype: str = "float32",
+                   arch: str = "tinyconv") -> Tolerance:
     """The named tolerance for cross-framework per-step losses of this run."""
-    get_strategy(strategy)
+    batch_statistics = get_strategy(strategy).bn_mode == "batch"
+    if arch == "resnet18" and dtype == "float32" and batch_statistics:
+        if strategy == "full":
+            return Tolerance("RESNET_FULL_FLOAT32_STEP", tol.RESNET_FULL_FLOAT32_STEP_ATOL,
+                             tol.RESNET_FULL_FLOAT32_STEP_RTOL)
+        return Tolerance("RESNET_BATCH_STATS_STEP", tol.RESNET_BATCH_STATS_STEP_ATOL,
+                         tol.RESNET_BATCH_STATS_STEP_RTOL)
     if strategy == "full" and optimizer == "adam":
         if dtype == "float64":
             return Tolerance("FULL_ADAM_FLOAT64_STEP_ATOL", tol.FULL_ADAM_FLOAT64_STEP_ATOL, 0.0)
@@ -97,7 +106,7 @@ def compare_records(tf_record: RunRecord, torch_record: RunRecord,
         raise ValueError(f"compare: step counts differ ({len(a.steps)} vs {len(b.steps)})")
     config = a.config
     t = tolerance or step_tolerance(a.strategy, config.get("optimizer", "sgd"),
-                                    config.get("dtype", "float32"))
+                                    config.get("dtype", "float32"), a.arch)
     train = (np.array(a.train_losses), np.array(b.train_losses))
     evals = (np.array(a.eval_losses), np.array(b.eval_losses))
     held = (np.array([h.loss for h in a.heldout]), np.array([h.loss for h in b.heldout]))

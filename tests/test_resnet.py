@@ -2,7 +2,9 @@
 
 Both are built by ``build_model("resnet18", ...)``; weights travel only through
 the canonical form. Models are module-scoped: building the Keras one costs
-seconds, so tests re-import weights instead of rebuilding.
+seconds, so tests re-import weights instead of rebuilding. The fine-tuning runs at
+the end (a shortened `compare --arch resnet18` matrix) pretrain ResNet-18 once in the
+session's cache and share their records through one module-scoped fixture.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from shared.archs import ResNet18Config, keras_momentum
 from shared.init import canonical_init
 from shared.strategies import STRATEGIES, bn_prefixes, frozen_keys, get_strategy, last_block
 from shared.tolerances import (
+    RESNET_FLOAT64_STEP_ATOL,
     RESNET_FORWARD_ATOL,
     RESNET_FORWARD_FLOAT64_ATOL,
     RESNET_FORWARD_RTOL,
+    STEP_LOSS_ATOL,
     TRAP_MIN_GAP,
 )
 from tf_impl import freeze as tf_freeze
@@ -327,3 +331,101 @@ def test_resnet18_strategy_freezes_exactly_declared_keys(framework, strategy, st
     else:  # torch's naive mistake: gradients off, statistics still move
         assert declared - unchanged and declared - unchanged <= stats, label
         assert unchanged == declared - stats, label
+
+
+# --------------------------------------------------------------------------- #
+# fine-tuning runs: the strategy matrix of `compare --arch resnet18`, shortened
+# --------------------------------------------------------------------------- #
+# Long enough for the float32 batch-statistics strategies to leave STEP_LOSS clearly:
+# with the settings below bn_adapt first does at step 6 (3e-4 by step 8), full at step 3.
+MATRIX_STEPS = 8
+# Exact in float32: Keras keeps learning rate and momentum in float32 variables, torch in
+# Python floats, so with compare's defaults (0.01, 0.9) float64 runs differ by ~1e-7 from
+# that alone; with these they share every bit of the maths and only rounding is left.
+# Effective step lr / (1 - momentum) = 0.125, near the default's 0.1.
+MATRIX_LEARNING_RATE = 2.0**-6
+MATRIX_MOMENTUM = 0.875
+
+
+@pytest.fixture(scope="module")
+def resnet_record():
+    """``resnet_record(framework, strategy, dtype)``: a ResNet-18 RunRecord, run once per module.
+
+    Starts from the pretrained checkpoint `compare --arch resnet18` uses (made in this
+    session's cache on first use): on random weights even `frozen` loses parity.
+    """
+    from shared import frameworks
+    from shared.pretrain import ensure_checkpoint
+    from shared.record import RunConfig
+
+    checkpoint = str(ensure_checkpoint("resnet18"))
+    cache = {}
+
+    def get(framework, strategy, dtype="float32"):
+        key = (framework, strategy, dtype)
+        if key not in cache:
+            config = RunConfig(arch="resnet18", strategy=strategy, steps=MATRIX_STEPS,
+                               eval_every=MATRIX_STEPS, learning_rate=MATRIX_LEARNING_RATE,
+                               momentum=MATRIX_MOMENTUM, dtype=dtype, checkpoint=checkpoint)
+            cache[key] = frameworks.load(framework, "train").run(config)
+        return cache[key]
+
+    return get
+
+
+def _cross(resnet_record, strategy, dtype="float32", tolerance=None):
+    from shared.compare import compare_records
+
+    return compare_records(resnet_record("tf", strategy, dtype),
+                           resnet_record("torch", strategy, dtype), tolerance)
+
+
+def test_step_tolerance_resnet18_names_batch_statistics_exceptions():
+    from shared.compare import step_tolerance
+
+    names = {s: step_tolerance(s, "sgd", "float32", "resnet18").name for s in STRATEGIES}
+    assert names == {"frozen": "STEP_LOSS", "feature_extraction": "STEP_LOSS",
+                     "partial": "STEP_LOSS", "bn_adapt": "RESNET_BATCH_STATS_STEP",
+                     "naive": "RESNET_BATCH_STATS_STEP", "full": "RESNET_FULL_FLOAT32_STEP"}
+    assert step_tolerance("bn_adapt", "sgd", "float64", "resnet18").name == "STEP_LOSS"
+    assert step_tolerance("bn_adapt", "sgd", "float32", "tinyconv").name == "STEP_LOSS"
+
+
+@pytest.mark.slow
+def test_cross_resnet18_stored_statistics_run_agrees_within_step_loss(resnet_record,
+                                                                      record_property):
+    """`partial` trains layer4's convolutions too, but with stored BN statistics: no drift."""
+    cmp = _cross(resnet_record, "partial")
+    record_property("max_abs_diff_partial_float32", cmp.max_diff)
+    assert cmp.tolerance.name == "STEP_LOSS" and cmp.ok, cmp.failures
+    held = resnet_record("torch", "partial").heldout
+    assert abs(held[-1].loss - held[0].loss) > TRAP_MIN_GAP, "partial changed nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, name", [("bn_adapt", "RESNET_BATCH_STATS_STEP"),
+                                            ("full", "RESNET_FULL_FLOAT32_STEP")])
+def test_cross_resnet18_batch_statistics_run_leaves_step_loss_within_own_tolerance(
+        resnet_record, strategy, name, record_property):
+    from shared.compare import step_tolerance
+
+    cmp = _cross(resnet_record, strategy)
+    record_property(f"max_abs_diff_{strategy}_float32", cmp.max_diff)
+    assert cmp.tolerance.name == name and cmp.ok, cmp.failures
+    default = _cross(resnet_record, strategy, tolerance=step_tolerance("partial", "sgd"))
+    assert not default.ok, (f"{strategy}: float32 runs agree within STEP_LOSS "
+                            f"({cmp.max_diff:.3g}): {name} is not needed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["bn_adapt", "full"])
+def test_cross_resnet18_batch_statistics_divergence_is_float32_rounding(resnet_record, strategy,
+                                                                        record_property):
+    """The same runs in float64 agree to float64 rounding: no BN convention differs."""
+    f32 = _cross(resnet_record, strategy)
+    f64 = _cross(resnet_record, strategy, "float64")
+    record_property(f"max_abs_diff_{strategy}_float64", f64.max_diff)
+    assert f64.tolerance.name == "STEP_LOSS" and f64.ok, f64.failures
+    assert f64.max_diff <= RESNET_FLOAT64_STEP_ATOL, (
+        f"{strategy} in float64: Keras vs torch differ by {f64.max_diff:.3g}: more than rounding")
+    assert f32.max_diff > STEP_LOSS_ATOL > RESNET_FLOAT64_STEP_ATOL
