@@ -204,6 +204,8 @@ class Finding:
     torch_value: object
     message: str
     fix: str
+    # every (keras, torch) pair the finding stands for, the first one above included
+    pairs: tuple = ()
 
     def line(self) -> str:
         return (f"{self.code} at {self.keras_layer} <-> {self.torch_layer}: {self.message} "
@@ -306,7 +308,7 @@ def fold_context(leaves: Sequence[Leaf]) -> list[Leaf]:
             t, b, left, r = leaf.params["pad"]
             pt, pb, pl, pr = out[i - 1].params["pad"]
             leaf.params["pad"] = (t + pt, b + pb, left + pl, r + pr)
-            leaf.params["explicit_pad"] = True
+            leaf.params["in_hw"] = out[i - 1].params["in_hw"]
         if leaf.weighted and leaf.params.get("activation") in (None, "linear"):
             for nxt in out[i + 1:]:
                 if nxt.weighted:
@@ -421,7 +423,26 @@ def lint(pairs: Sequence[Pair], keras_leaves: Sequence[Leaf], torch_leaves: Sequ
     findings += _lint_dropout(keras_leaves, torch_leaves)
     if tensors is not None:
         findings += _lint_weights(pairs, tensors)
-    return findings
+    return _grouped(findings)
+
+
+def _grouped(findings: Sequence[Finding]) -> list[Finding]:
+    """One finding per (code, keras value, torch value): the first pair, and how many more."""
+    groups: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        groups.setdefault((f.code, str(f.keras_value), str(f.torch_value)), []).append(f)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        pairs = tuple((f.keras_layer, f.torch_layer) for f in members)
+        message = first.message
+        if len(members) > 1:
+            shown = ", ".join(f"{k} <-> {t}" for k, t in pairs[1:4])
+            more = f" and {len(pairs) - 4} more" if len(pairs) > 4 else ""
+            message += f"; {len(pairs)} pairs, also {shown}{more}"
+        out.append(Finding(first.code, first.keras_layer, first.torch_layer, first.keras_value,
+                           first.torch_value, message, first.fix, pairs))
+    return out
 
 
 def _lint_weights(pairs: Sequence[Pair], tensors) -> list[Finding]:

@@ -8,6 +8,8 @@ with its code at the right layer; bad input is a one-line PortError.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,8 @@ def test_cross_port_tinyconv_naive_stats_move_only_in_torch():
 
 def test_cross_port_resnet18_frozen_no_finding_within_resnet_tolerance():
     keras_model, torch_model = _project_pair("resnet18", "frozen")
-    report = _check(keras_model, torch_model, input_shape=(32, 32, 3), transfer_from="torch")
+    report = _check(keras_model, torch_model, input_shape=(32, 32, 3), transfer_from="torch",
+                    steps=1)
     assert len(report.pairs) == 41  # 20 convs, 20 BatchNorms, the head
     assert report.ok, report.finding_lines()
     assert report.tolerance["name"] == "RESNET_FORWARD"
@@ -237,3 +240,63 @@ def test_port_wrong_input_shape_names_model_and_shape():
                                         r"failed") as info:
         _check(pp.flatten_keras(), pp.flatten_torch(), input_shape=(20, 20, 3))
     assert "\n" not in str(info.value)
+
+
+def test_cross_port_depthwise_multiplier_pair_transfers_and_agrees():
+    report = _check(pp.depthwise_keras(), pp.depthwise_torch(), transfer_from="torch")
+    assert [kind for _, _, kind in report.pairs] == ["conv", "conv", "bn", "dense"]
+    assert report.ok, report.finding_lines()
+    assert max(r.max_abs for r in report.inference) <= tol.FORWARD_ATOL
+
+
+# --------------------------------------------------------------------------- #
+# a real ecosystem pair: torchvision's MobileNetV2 against Keras's
+# --------------------------------------------------------------------------- #
+MOBILENET_HWC = (32, 32, 3)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_report():
+    import keras
+    import torchvision
+
+    torch.manual_seed(0)
+    torch_model = torchvision.models.mobilenet_v2(weights=None)
+    keras_model = keras.applications.MobileNetV2(weights=None, input_shape=MOBILENET_HWC)
+    with warnings.catch_warnings():  # Keras: from_logits=True on its softmax output (reported)
+        warnings.simplefilter("ignore", UserWarning)
+        return check_port(keras_model, torch_model, transfer_from="torch", steps=1)
+
+
+def _pairs_of(report, code):
+    return next(f.pairs for f in report.findings if f.code == code)
+
+
+def test_cross_port_mobilenet_v2_every_leaf_pairs(mobilenet_report):
+    kinds = [kind for _, _, kind in mobilenet_report.pairs]
+    # 52 convs (17 depthwise among them), 52 BatchNorms, the classifier
+    assert (len(kinds), kinds.count("conv"), kinds.count("bn"), kinds.count("dense")) == (
+        105, 52, 52, 1)
+    assert mobilenet_report.pairs[0][:2] == ("Conv1", "features.0.0")
+    assert mobilenet_report.pairs[-1][:2] == ("predictions", "classifier.1")
+
+
+def test_cross_port_mobilenet_v2_names_what_really_differs(mobilenet_report):
+    report = mobilenet_report
+    same = _only(report, "PORT_SAME_PADDING_STRIDE2_EVEN")
+    assert (same.keras_layer, same.keras_value, same.torch_value) == (
+        "Conv1", [0, 1, 0, 1], [1, 1, 1, 1])
+    # keras.applications pads stride-2 depthwise convs with correct_pad: (0, 1) on even maps
+    assert [k for k, _ in _pairs_of(report, "PORT_CONV_PADDING")] == [
+        "block_1_depthwise", "block_3_depthwise", "block_6_depthwise", "block_13_depthwise"]
+    eps = _only(report, "PORT_BN_EPSILON")
+    assert (eps.keras_value, eps.torch_value, len(eps.pairs)) == (1e-3, 1e-5, 52)
+    momentum = _only(report, "PORT_BN_MOMENTUM")
+    assert (momentum.keras_value, momentum.torch_value, len(momentum.pairs)) == (0.999, 0.1, 52)
+    activation = _only(report, "PORT_ACTIVATION")
+    assert (activation.keras_layer, activation.keras_value, activation.torch_value) == (
+        "predictions", "softmax", "none")
+    dropout = _only(report, "PORT_DROPOUT_MISSING")
+    assert (dropout.torch_layer, dropout.torch_value) == ("classifier.0", 0.2)
+    first = report.first_divergent("inference")
+    assert first.keras_layer == "Conv1" and first.max_abs > tol.TRAP_MIN_GAP

@@ -152,7 +152,8 @@ def _record(path, layer, in_shape, out_shape, previous) -> Leaf | None:
         return Leaf(path, "flatten", cls, {}, {}, out, layer)
     if isinstance(layer, keras.layers.ZeroPadding2D):
         (t, b), (left, r) = layer.padding
-        return Leaf(path, "pad", cls, {"pad": (t, b, left, r)}, {}, out, layer)
+        return Leaf(path, "pad", cls, {"pad": (t, b, left, r), "in_hw": tuple(in_shape[1:3])},
+                    {}, out, layer)
     if isinstance(layer, keras.layers.ReLU):
         slope = float(layer.negative_slope or 0.0)
         name = ("relu6" if layer.max_value is not None and float(layer.max_value) == 6.0

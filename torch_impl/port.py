@@ -131,7 +131,8 @@ def _record(name, module, in_shape, out_shape, previous) -> Leaf | None:
         return Leaf(name, "flatten", cls, {}, {}, out, module)
     if isinstance(module, nn.ZeroPad2d):
         left, r, t, b = module.padding
-        return Leaf(name, "pad", cls, {"pad": (t, b, left, r)}, {}, out, module)
+        return Leaf(name, "pad", cls, {"pad": (t, b, left, r), "in_hw": tuple(in_shape[2:])},
+                    {}, out, module)
     for kind, act in _ACTIVATIONS.items():
         if type(module) is kind:
             return Leaf(name, "activation", cls, {"name": act}, {}, out, module)

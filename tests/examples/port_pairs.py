@@ -257,3 +257,36 @@ def not_a_model():
 
 def raises():
     raise RuntimeError("the factory could not build its model")
+
+
+# --- a depthwise pair (MobileNet's building block), correct -------------------
+def depthwise_keras():
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False,
+                                     name="depthwise")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")(x)
+    x = keras.layers.ReLU(6.0, name="relu6")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def depthwise_torch():
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Conv2d(3, 8, 1, bias=False)
+            self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False)
+            self.bn = nn.BatchNorm2d(16)
+            self.relu6 = nn.ReLU6()
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            x = self.relu6(self.bn(self.depthwise(self.expand(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return Net()
