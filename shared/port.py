@@ -208,8 +208,9 @@ class Finding:
     pairs: tuple = ()
 
     def line(self) -> str:
-        return (f"{self.code} at {self.keras_layer} <-> {self.torch_layer}: {self.message} "
-                f"(keras {_show(self.keras_value)}, torch {_show(self.torch_value)})")
+        values = ("" if self.keras_value is None and self.torch_value is None else
+                  f" (keras {_show(self.keras_value)}, torch {_show(self.torch_value)})")
+        return f"{self.code} at {self.keras_layer} <-> {self.torch_layer}: {self.message}{values}"
 
 
 def _show(value) -> str:
@@ -762,17 +763,17 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
         rows[mode] = divergence(pairs, k_out, t_out, atol, rtol)
     first_inf, first_tr = _first_out(rows["inference"]), _first_out(rows["training"])
     by_name = {p.keras.name: p for p in pairs}
+    def where(row):
+        return (f"max |keras - torch| {row.max_abs:.3g} (relative {row.max_rel:.3g}) over "
+                f"{tolerance['name']} atol {atol:g} rtol {rtol:g}")
+
     if first_inf:
         findings.append(_finding("PORT_DIVERGES_INFERENCE", by_name[first_inf.keras_layer],
-                                 f"max abs {first_inf.max_abs:.3g}",
-                                 f"tolerance {tolerance['name']} atol {atol:g}",
-                                 f"max rel {first_inf.max_rel:.3g}"))
+                                 None, None, where(first_inf)))
     if first_tr and (not first_inf or rows["training"].index(first_tr)
                      < rows["inference"].index(first_inf)):
         findings.append(_finding("PORT_DIVERGES_TRAINING", by_name[first_tr.keras_layer],
-                                 f"max abs {first_tr.max_abs:.3g}",
-                                 f"tolerance {tolerance['name']} atol {atol:g}",
-                                 f"max rel {first_tr.max_rel:.3g}"))
+                                 None, None, where(first_tr)))
     step_rows, moved_rows, expected = [], [], []
     if steps:
         out_shape = pairs[-1].torch.output_shape if pairs else ()
@@ -841,17 +842,25 @@ def render_figure(report: PortReport, dpi: int = 100) -> bytes:
                 label=label)
     ax.axhline(report.tolerance["atol"], color="grey", linestyle=":",
                label=f"{report.tolerance['name']} atol {report.tolerance['atol']:g}")
-    for mode, colour in (("inference", "red"), ("training", "purple")):
+    names = [k for k, _, _ in report.pairs]
+    marks: dict[int, list[str]] = {}
+    for mode in ("inference", "training"):
         first = report.first_divergent(mode)
         if first:
-            i = [k for k, _, _ in report.pairs].index(first.keras_layer)
-            ax.axvline(i, color=colour, alpha=0.5)
-            ax.annotate(f"first divergent ({mode}): {first.keras_layer}", (i, first.max_abs),
-                        fontsize=8, color=colour)
+            marks.setdefault(names.index(first.keras_layer), []).append(mode)
+    for i, modes in marks.items():
+        ax.axvline(i, color="red", alpha=0.5)
+        ax.annotate(f"first divergent ({' and '.join(modes)}): {names[i]}", (i, 0.97),
+                    xycoords=("data", "axes fraction"), fontsize=8, color="red",
+                    rotation=90, ha="right", va="top")
+    if 0 < n <= 40:
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("paired layer (call order)")
     ax.set_ylabel("max |keras - torch|")
-    ax.set_title(report.summary(), fontsize=10)
+    n_findings = len(report.findings)
+    ax.set_title(f"port check {report.keras_model} vs {report.torch_model}: {n} pairs, "
+                 f"{n_findings} finding{'s' if n_findings != 1 else ''}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     buffer = io.BytesIO()
