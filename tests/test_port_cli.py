@@ -134,3 +134,11 @@ def test_assert_port_matches_fixture_in_a_user_suite(pytester):
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*PORT_DROPOUT_RATE at dropout <-> dropout*"])
+
+
+def test_bench_port_times_the_check_and_reports_its_verdict():
+    from shared.commands.bench import PORT_BENCH, bench_port
+
+    result = bench_port({**PORT_BENCH, "arch": "tinyconv", "size": 32, "steps": 1})
+    assert result["ok"] and result["pairs"] == 7 and result["findings"] == []
+    assert 0 < result["check_s"] and result["met"] == (result["check_s"] <= result["goal_s"])
