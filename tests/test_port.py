@@ -252,17 +252,9 @@ def test_cross_port_depthwise_multiplier_pair_transfers_and_agrees():
 # --------------------------------------------------------------------------- #
 # a real ecosystem pair: torchvision's MobileNetV2 against Keras's
 # --------------------------------------------------------------------------- #
-MOBILENET_HWC = (32, 32, 3)
-
-
 @pytest.fixture(scope="session")
 def mobilenet_report():
-    import keras
-    import torchvision
-
-    torch.manual_seed(0)
-    torch_model = torchvision.models.mobilenet_v2(weights=None)
-    keras_model = keras.applications.MobileNetV2(weights=None, input_shape=MOBILENET_HWC)
+    keras_model, torch_model = pp.mobilenet_v2_keras(), pp.mobilenet_v2_torch()
     with warnings.catch_warnings():  # Keras: from_logits=True on its softmax output (reported)
         warnings.simplefilter("ignore", UserWarning)
         return check_port(keras_model, torch_model, transfer_from="torch", steps=1)
@@ -300,3 +292,21 @@ def test_cross_port_mobilenet_v2_names_what_really_differs(mobilenet_report):
     assert (dropout.torch_layer, dropout.torch_value) == ("classifier.0", 0.2)
     first = report.first_divergent("inference")
     assert first.keras_layer == "Conv1" and first.max_abs > tol.TRAP_MIN_GAP
+
+
+def test_cross_port_tinyconv_adam_parity_settings_no_finding():
+    keras_model, torch_model = _project_pair("tinyconv", "partial")
+    report = _check(keras_model, torch_model, input_shape=(32, 32, 3), transfer_from="torch",
+                    optimizer="adam", learning_rate=0.001)
+    assert report.ok, report.finding_lines()
+    assert report.steps[-1]["keras_train"] != report.steps[0]["keras_train"]  # it trained
+
+
+def test_port_name_map_fixes_pairs_and_rejects_unknown_names():
+    report = _check(pp.good_keras(), pp.good_torch(), transfer_from="torch", steps=0,
+                    name_map={"fc": "fc", "conv": "conv"})
+    assert [(k, t) for k, t, _ in report.pairs] == [("conv", "conv"), ("bn", "bn"), ("fc", "fc")]
+    with pytest.raises(PortError, match=r"name map: torch module 'head' is not a weighted leaf"):
+        _check(pp.good_keras(), pp.good_torch(), name_map={"fc": "head"})
+    with pytest.raises(PortError, match=r"cannot pair keras layer conv .* torch module fc "):
+        _check(pp.good_keras(), pp.good_torch(), name_map={"conv": "fc"})

@@ -50,9 +50,14 @@ def check_model(model, what: str) -> None:
 
 
 def input_shape(model, what: str) -> tuple[int, int, int]:
-    """The canonical (C, H, W) input of a model that declares one (functional, or built)."""
+    """The canonical (C, H, W) input of a model that declares one (functional, or built:
+    a subclassed model keeps its build shape in ``_build_shapes_dict``, as the audit reads)."""
     inputs = getattr(model, "inputs", None)
     shape = tuple(inputs[0].shape) if inputs and len(inputs) == 1 else None
+    built = getattr(model, "_build_shapes_dict", None) or {}
+    if shape is None and len(built) == 1:
+        found = next(iter(built.values()))
+        shape = tuple(found) if isinstance(found, (tuple, list)) else None
     if shape is None or len(shape) != 4 or any(d is None for d in shape[1:]):
         raise PortError(f"{what}: no fixed 4-D input shape (got {shape}): pass input_shape "
                         "(H, W, C) / --input-shape H,W,C")

@@ -290,3 +290,23 @@ def depthwise_torch():
             return self.fc(x.mean(dim=(2, 3)))
 
     return Net()
+
+
+# --- a real ecosystem pair ------------------------------------------------------
+MOBILENET_SIZE = 32
+
+
+def mobilenet_v2_keras():
+    """keras.applications.MobileNetV2, random weights, 32x32 input (small and fast)."""
+    keras = _keras()
+    return keras.applications.MobileNetV2(weights=None,
+                                          input_shape=(MOBILENET_SIZE, MOBILENET_SIZE, 3))
+
+
+def mobilenet_v2_torch():
+    """torchvision's mobilenet_v2, random weights (seed 0)."""
+    torch = _torch()
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(weights=None)
