@@ -257,7 +257,7 @@ def mobilenet_report():
     keras_model, torch_model = pp.mobilenet_v2_keras(), pp.mobilenet_v2_torch()
     with warnings.catch_warnings():  # Keras: from_logits=True on its softmax output (reported)
         warnings.simplefilter("ignore", UserWarning)
-        return check_port(keras_model, torch_model, transfer_from="torch", steps=1)
+        return check_port(keras_model, torch_model, transfer_from="torch", steps=0)
 
 
 def _pairs_of(report, code):
