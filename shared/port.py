@@ -729,7 +729,8 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
     "adam", epsilon 1e-12 on both sides) on the same batches, each side frozen
     as the user set it up (or with the user's own optimizers); dropout is off
     on both sides in the training-mode pass and the steps (the lint covers
-    it). Both models are left with the weights they had after the transfer.
+    it). Both models are left with the weights, statistics and modes they had after
+    the transfer; optimizers you pass keep the state the steps gave them.
     """
     from shared import frameworks
 
