@@ -34,7 +34,9 @@ from shared import tolerances as tol
 from shared.errors import UsageError
 
 __all__ = [
+    "EXPECTED_CODES",
     "FINDINGS",
+    "PORT_FILES",
     "WEIGHTED_KINDS",
     "Finding",
     "FindingKind",
@@ -45,6 +47,7 @@ __all__ = [
     "PortReport",
     "check_port",
     "divergence",
+    "fold_context",
     "lint",
     "make_batches",
     "pair",
@@ -366,12 +369,11 @@ def _lint_norm(p: Pair) -> list[Finding]:
     return out
 
 
-def _lint_dense(p: Pair, tensors: tuple[dict, dict] | None) -> list[Finding]:
+def _lint_dense(p: Pair) -> list[Finding]:
     k, t = p.keras.params, p.torch.params
-    out = []
     if k["bias"] != t["bias"]:
-        out.append(_finding("PORT_DENSE_BIAS", p, k["bias"], t["bias"]))
-    return out
+        return [_finding("PORT_DENSE_BIAS", p, k["bias"], t["bias"])]
+    return []
 
 
 def _lint_activation(p: Pair, last_k: bool, last_t: bool) -> list[Finding]:
@@ -419,7 +421,7 @@ def lint(pairs: Sequence[Pair], keras_leaves: Sequence[Leaf], torch_leaves: Sequ
         elif p.keras.kind in ("bn", "layernorm"):
             findings += _lint_norm(p)
         elif p.keras.kind == "dense":
-            findings += _lint_dense(p, None)
+            findings += _lint_dense(p)
         findings += _lint_activation(p, p.keras is last_k, p.torch is last_t)
     findings += _lint_dropout(keras_leaves, torch_leaves)
     if tensors is not None:

@@ -310,3 +310,13 @@ def test_port_name_map_fixes_pairs_and_rejects_unknown_names():
         _check(pp.good_keras(), pp.good_torch(), name_map={"fc": "head"})
     with pytest.raises(PortError, match=r"cannot pair keras layer conv .* torch module fc "):
         _check(pp.good_keras(), pp.good_torch(), name_map={"conv": "fc"})
+
+
+def test_cross_port_frozen_batchnorm2d_pairs_with_frozen_keras_bn_no_finding():
+    report = _check(pp.frozen_base_keras(), pp.frozen_bn_torch(), transfer_from="torch")
+    assert report.pairs[1] == ("bn", "bn", "bn")
+    assert report.ok, report.finding_lines()
+    moved = {(m["keras_layer"], m["tensor"]): (m["keras_moved"], m["torch_moved"])
+             for m in report.moved}
+    assert moved[("bn", "running_mean")] == (False, False)
+    assert moved[("fc", "weight")] == (True, True)

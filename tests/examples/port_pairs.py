@@ -310,3 +310,17 @@ def mobilenet_v2_torch():
 
     torch.manual_seed(0)
     return torchvision.models.mobilenet_v2(weights=None)
+
+
+def frozen_bn_torch():
+    """The frozen base with torchvision's FrozenBatchNorm2d: no train() override needed."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    import torch_impl  # noqa: F401
+
+    model = _torch_net()
+    frozen = FrozenBatchNorm2d(8, eps=1e-5)
+    frozen.load_state_dict(model.bn.state_dict(), strict=False)
+    model.bn = frozen
+    model.conv.requires_grad_(False)
+    return model
