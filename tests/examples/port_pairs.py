@@ -314,9 +314,8 @@ def mobilenet_v2_torch():
 
 def frozen_bn_torch():
     """The frozen base with torchvision's FrozenBatchNorm2d: no train() override needed."""
+    _torch()  # torch_impl (torch, torchvision) before anything else
     from torchvision.ops import FrozenBatchNorm2d
-
-    import torch_impl  # noqa: F401
 
     model = _torch_net()
     frozen = FrozenBatchNorm2d(8, eps=1e-5)
