@@ -764,11 +764,14 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
     x = make_batches(chw, 1, batch_size, None, seed + 1)[0][0]
     rows = {}
     for mode in ("inference", "training"):
-        k_out = kp.capture(keras_model, [p.keras for p in pairs], x, mode == "training")
-        t_out = tp.capture(torch_model, [p.torch for p in pairs], x, mode == "training")
+        k_out = _guarded(names[0], f"the {mode}-mode pass", kp.capture, keras_model,
+                         [p.keras for p in pairs], x, mode == "training")
+        t_out = _guarded(names[1], f"the {mode}-mode pass", tp.capture, torch_model,
+                         [p.torch for p in pairs], x, mode == "training")
         rows[mode] = divergence(pairs, k_out, t_out, atol, rtol)
     first_inf, first_tr = _first_out(rows["inference"]), _first_out(rows["training"])
     by_name = {p.keras.name: p for p in pairs}
+
     def where(row):
         return (f"max |keras - torch| {row.max_abs:.3g} (relative {row.max_rel:.3g}) over "
                 f"{tolerance['name']} atol {atol:g} rtol {rtol:g}")
@@ -788,10 +791,12 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
         setup = {"optimizer": optimizer, "learning_rate": learning_rate,
                  "adam_epsilon": ADAM_EPSILON, "loss": "cross_entropy" if classes
                  else "mean_square"}
-        k_losses, k_after = kp.train_steps(keras_model, [p.keras for p in pairs], batches,
-                                           setup, keras_optimizer)
-        t_losses, t_after = tp.train_steps(torch_model, [p.torch for p in pairs], batches,
-                                           setup, torch_optimizer)
+        k_losses, k_after = _guarded(names[0], "the training steps", kp.train_steps,
+                                     keras_model, [p.keras for p in pairs], batches, setup,
+                                     keras_optimizer)
+        t_losses, t_after = _guarded(names[1], "the training steps", tp.train_steps,
+                                     torch_model, [p.torch for p in pairs], batches, setup,
+                                     torch_optimizer)
         after = {p.label: (k_after[p.keras.name], t_after[p.torch.name]) for p in pairs}
         step_tol = _step_tolerance(pairs, tensors, after)
         moved_rows, freeze_findings = _moved(pairs, tensors, after, step_tol)
@@ -823,6 +828,17 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
         settings={"steps": steps, "optimizer": optimizer, "learning_rate": learning_rate,
                   "batch_size": batch_size, "transfer_from": transfer_from, "seed": seed},
         notes=notes, expected=expected)
+
+
+def _guarded(what: str, stage: str, fn, *args):
+    """``fn(*args)``; a failure inside the user's model becomes a one-line PortError."""
+    try:
+        return fn(*args)
+    except PortError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the user's model: any error is bad input)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PortError(f"{what}: {stage} failed ({type(exc).__name__}: {first})") from None
 
 
 def _read(kp, tp, keras_model, torch_model, pairs) -> dict[str, tuple[dict, dict]]:
