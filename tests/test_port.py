@@ -320,3 +320,18 @@ def test_cross_port_frozen_batchnorm2d_pairs_with_frozen_keras_bn_no_finding():
              for m in report.moved}
     assert moved[("bn", "running_mean")] == (False, False)
     assert moved[("fc", "weight")] == (True, True)
+
+
+def test_port_model_failing_in_training_mode_one_line_port_error():
+    torch_model = pp.good_torch()
+    forward = torch_model.forward
+
+    def fails_in_training(x):
+        if torch_model.training:
+            raise RuntimeError("training mode is not supported here")
+        return forward(x)
+
+    torch_model.forward = fails_in_training
+    with pytest.raises(PortError, match=r"^torch model: the training-mode pass failed "
+                                        r"\(RuntimeError: training mode is not supported here\)$"):
+        _check(pp.good_keras(), torch_model, transfer_from="torch")
