@@ -25,6 +25,8 @@ COMMANDS = {
     "convert": "convert a torchvision ResNet-18 state_dict to a canonical checkpoint and back",
     "audit": "list freezing hazards of a saved Keras model or a model factory",
     "bench": "time the training paths and strategies (make bench)",
+    "port": "check your Keras model against your PyTorch port, layer by layer, in both modes "
+            "and under your freezing",
 }
 
 

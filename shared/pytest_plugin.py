@@ -22,6 +22,10 @@ Fixtures:
   ``loss_fn(output, target)``, Keras ``loss_fn(y_true, y_pred)``.
 - ``freeze_audit``: ``freeze_audit(model, optimizer=None)`` returns the
   :class:`shared.audit.AuditReport` (``report.ok``, ``report.hazard_lines()``).
+- ``assert_port_matches``: ``assert_port_matches(keras_model, torch_model, **options)``
+  fails unless the port check (:func:`shared.port.check_port`, same options:
+  ``input_shape=(H, W, C)``, ``steps``, ``transfer_from``, ...) finds nothing; the
+  message names the first divergent layer and every finding. Returns the report.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import pytest
 
 from shared.audit import FrozenTensorChanged, framework_of
 
-__all__ = ["FrozenTensorChanged", "assert_train_eval_match", "freeze_audit", "freeze_guard"]
+__all__ = ["FrozenTensorChanged", "assert_port_matches", "assert_train_eval_match",
+           "freeze_audit", "freeze_guard"]
 
 
 def _impl(model):
@@ -67,6 +72,16 @@ def assert_train_eval_match(model, batch, loss_fn) -> None:
             "freeze_audit(model).hazard_lines() says where")
 
 
+def assert_port_matches(keras_model, torch_model, **options):
+    """Assert the port check of ``keras_model`` against ``torch_model`` finds nothing."""
+    from shared.port import check_port
+
+    report = check_port(keras_model, torch_model, **options)
+    if not report.ok:
+        raise AssertionError("\n".join([report.summary()] + report.finding_lines()))
+    return report
+
+
 @pytest.fixture(name="freeze_guard")
 def _freeze_guard_fixture():
     """``with freeze_guard(model) as watched:`` fails if the block moved a frozen tensor."""
@@ -83,3 +98,9 @@ def _assert_train_eval_match_fixture():
 def _freeze_audit_fixture():
     """``freeze_audit(model, optimizer=None)`` -> AuditReport of the model's freezing hazards."""
     return freeze_audit
+
+
+@pytest.fixture(name="assert_port_matches")
+def _assert_port_matches_fixture():
+    """``assert_port_matches(keras_model, torch_model, **options)``: the port check finds nothing."""
+    return assert_port_matches

@@ -15,7 +15,9 @@ from torch import nn
 
 from shared.checkpoint import check_tensors
 
-__all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping"]
+__all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
+           "to_canonical", "from_canonical", "activation_to_canonical",
+           "activation_from_canonical"]
 
 _BOOKKEEPING = "num_batches_tracked"
 
@@ -53,3 +55,25 @@ def export_bookkeeping(model: nn.Module) -> dict[str, np.ndarray]:
     return {key: value.detach().cpu().numpy().astype(np.float64)
             for key, value in model.state_dict().items()
             if key.rsplit(".", 1)[-1] == _BOOKKEEPING}
+
+
+# --- single tensors, for modules outside the project's own trees (``torch_impl/port.py``) ---
+def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None) -> np.ndarray:
+    """One torch tensor in the canonical layout: torch's own, for every kind."""
+    return np.ascontiguousarray(value)
+
+
+def from_canonical(value: np.ndarray, kind: str, shape: tuple,
+                   flatten_from: tuple | None = None) -> np.ndarray:
+    """Inverse of :func:`to_canonical`: the identity."""
+    return np.ascontiguousarray(value)
+
+
+def activation_to_canonical(value: np.ndarray) -> np.ndarray:
+    """A torch activation in the canonical layout: NCHW already."""
+    return np.asarray(value)
+
+
+def activation_from_canonical(value: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`activation_to_canonical`: the identity."""
+    return np.asarray(value)

@@ -8,6 +8,7 @@ enforced), 1 when a benchmark worker failed, 2 for bad usage.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +30,12 @@ from shared.io import atomic_write_json, check_output_file
 from shared.pretrain import PretrainConfig
 
 __all__ = ["QUICK", "add_parser", "run"]
+
+# --port: `freeze-parity port` on ResNet-18 (torchvision vs the Keras rebuild), every
+# tensor training (the most work per step), lr 0.001 so float32 rounding stays in tolerance.
+PORT_BENCH = {"arch": "resnet18", "strategy": "full", "size": 64, "steps": 5,
+              "learning_rate": 0.001}
+PORT_GOAL_S = 20.0
 
 # --quick: a smoke test of the whole machinery in seconds; its figures mean nothing.
 QUICK = {"repeats": 1, "steps": 2, "long_factor": 2, "warmup": 0, "threads": 1}
@@ -62,6 +69,11 @@ def add_parser(parser) -> None:
     parser.add_argument("--replicas", type=int, default=1,
                         help="instead: per-step time of a data-parallel run with this many "
                              "replicas vs one process, per framework (frozen, tinyconv)")
+    parser.add_argument("--port", action="store_true",
+                        help=f"time only the port check of the project's ResNet-18 pair "
+                             f"({PORT_BENCH['strategy']} strategy, {PORT_BENCH['size']}x"
+                             f"{PORT_BENCH['size']}, {PORT_BENCH['steps']} steps; goal <= "
+                             f"{PORT_GOAL_S:g} s after imports)")
 
 
 def config_from_args(args) -> BenchConfig:
@@ -112,11 +124,48 @@ def _run_replicas(args) -> int:
     return 0
 
 
+def bench_port(settings: dict = PORT_BENCH) -> dict:
+    """Seconds to build the pair and to run the whole port check on it, and its verdict."""
+    from shared import frameworks
+
+    tf_model, tf_train, tf_freeze = (frameworks.load("tf", m) for m in ("model", "train", "freeze"))
+    torch_model, torch_freeze = (frameworks.load("torch", m) for m in ("model", "freeze"))
+    from shared.port import check_port
+
+    arch, strategy = settings["arch"], settings["strategy"]
+    start = time.perf_counter()
+    keras_net = tf_freeze.apply_strategy(tf_model.build_model(
+        arch, 5, norm_layer=tf_train.norm_layer_for(arch, strategy)), strategy)
+    torch_net = torch_freeze.apply_strategy(torch_model.build_model(arch, 5), strategy)
+    built, cpu = time.perf_counter(), time.process_time()
+    report = check_port(keras_net, torch_net, input_shape=(settings["size"], settings["size"], 3),
+                        steps=settings["steps"], learning_rate=settings["learning_rate"],
+                        transfer_from="torch")
+    done, cpu_done = time.perf_counter(), time.process_time()
+    return {"settings": dict(settings), "build_s": built - start, "check_s": done - built,
+            "check_cpu_s": cpu_done - cpu,
+            "goal_s": PORT_GOAL_S, "met": done - built <= PORT_GOAL_S, "pairs": len(report.pairs),
+            "ok": report.ok, "findings": report.codes(), "loadavg": list(os.getloadavg())}
+
+
 def run(args) -> int:
     from rich.console import Console
 
     if args.replicas != 1:
         return _run_replicas(args)
+    if args.port:
+        result = bench_port()
+        if args.json:
+            atomic_write_json(args.json, result)
+        print(f"port check, {result['settings']['arch']} pair ({result['settings']['strategy']}, "
+              f"{result['settings']['size']}x{result['settings']['size']}, "
+              f"{result['settings']['steps']} steps, {result['pairs']} pairs): "
+              f"{result['check_s']:.1f} s wall, {result['check_cpu_s']:.1f} s CPU "
+              f"(goal <= {PORT_GOAL_S:g} s wall: "
+              f"{'met' if result['met'] else 'NOT met'}); building the pair {result['build_s']:.1f} s; "
+              f"verdict {'no finding' if result['ok'] else ', '.join(result['findings'])}; "
+              f"load average {result['loadavg'][0]:.1f}")
+        return 0
     config = config_from_args(args)
     if args.json:
         check_output_file(args.json, "--json")  # before minutes of measuring

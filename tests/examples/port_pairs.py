@@ -1,0 +1,325 @@
+"""Small Keras/torch pairs a user could have written, for ``freeze-parity port`` tests.
+
+Each ``<name>_keras`` / ``<name>_torch`` factory builds one side of a pair
+(the CLI imports them as ``tests.examples.port_pairs:<factory>``); the
+``broken`` pairs each hold one classic porting mistake, named in the
+factory's docstring. Inputs are 16x16x3 (even: the 'same' padding trap
+shows). Layer names are the same on both sides where the framework allows,
+so a test can assert where a finding points.
+"""
+
+from __future__ import annotations
+
+SIZE = 16
+CLASSES = 4
+
+
+def _keras():
+    import keras
+
+    import torch_impl  # noqa: F401  (torch before TensorFlow)
+
+    return keras
+
+
+def _torch():
+    import torch
+
+    import torch_impl  # noqa: F401
+
+    return torch
+
+
+def _keras_net(*, conv=None, bn=None, dropout=0.0, flatten=False, name="net"):
+    """conv -> bn -> relu -> [flatten | global average pool] -> [dropout] -> fc (functional)."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    conv_args = {"filters": 8, "kernel_size": 3, "strides": 1, "padding": "valid",
+                 "use_bias": False, **(conv or {})}
+    x = keras.layers.Conv2D(name="conv", **conv_args)(inputs)
+    bn_args = {"epsilon": 1e-5, "momentum": 0.9, **(bn or {})}
+    x = keras.layers.BatchNormalization(name="bn", **bn_args)(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Flatten(name="flatten")(x) if flatten else \
+        keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(CLASSES, name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _torch_net(*, stride=1, padding=0, bias=False, eps=1e-5, momentum=0.1, dropout=0.0,
+               flatten=False):
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=stride, padding=padding, bias=bias)
+            self.bn = nn.BatchNorm2d(8, eps=eps, momentum=momentum)
+            self.relu = nn.ReLU()
+            out = (SIZE + 2 * padding - 3) // stride + 1
+            self.flatten = nn.Flatten() if flatten else None
+            self.dropout = nn.Dropout(dropout) if dropout else None
+            self.fc = nn.Linear(8 * out * out if flatten else 8, CLASSES)
+
+        def forward(self, x):
+            x = self.relu(self.bn(self.conv(x)))
+            x = self.flatten(x) if self.flatten is not None else x.mean(dim=(2, 3))
+            if self.dropout is not None:
+                x = self.dropout(x)
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    return Net()
+
+
+# --- a correct pair ----------------------------------------------------------
+def good_keras():
+    return _keras_net()
+
+
+def good_torch():
+    return _torch_net()
+
+
+# --- broken pairs: one mistake each ------------------------------------------
+def bn_epsilon_keras():
+    """BatchNormalization epsilon left at Keras's default 1e-3 (torch: 1e-5)."""
+    return _keras_net(bn={"epsilon": 1e-3})
+
+
+def bn_momentum_keras():
+    """torch's momentum 0.1 copied unconverted: Keras keeps 10% of the old statistic."""
+    return _keras_net(bn={"momentum": 0.1})
+
+
+def same_padding_keras():
+    """padding='same' at stride 2 on the even 16x16 input (torch: padding=1)."""
+    return _keras_net(conv={"strides": 2, "padding": "same"})
+
+
+def same_padding_torch():
+    return _torch_net(stride=2, padding=1)
+
+
+def dropout_keras():
+    """Dropout 0.5 in Keras against 0.2 in torch."""
+    return _keras_net(dropout=0.5)
+
+
+def dropout_torch():
+    return _torch_net(dropout=0.2)
+
+
+def conv_bias_keras():
+    """Keras Conv2D's default use_bias=True against torch bias=False."""
+    return _keras_net(conv={"use_bias": True})
+
+
+def flatten_keras():
+    return _keras_net(flatten=True)
+
+
+def flatten_torch():
+    return _torch_net(flatten=True)
+
+
+def flatten_copied_naively():
+    """The pair with torch's weights copied by hand: conv OIHW -> HWIO, Linear transposed,
+    and the Dense rows NOT permuted from (C, H, W) to (H, W, C)."""
+    keras_model, torch_model = flatten_keras(), flatten_torch()
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    keras_model.get_layer("conv").kernel.assign(state["conv.weight"].transpose(2, 3, 1, 0))
+    bn = keras_model.get_layer("bn")
+    for var, key in ((bn.gamma, "weight"), (bn.beta, "bias"), (bn.moving_mean, "running_mean"),
+                     (bn.moving_variance, "running_var")):
+        var.assign(state[f"bn.{key}"])
+    fc = keras_model.get_layer("fc")
+    fc.kernel.assign(state["fc.weight"].T)  # the mistake: no row permutation
+    fc.bias.assign(state["fc.bias"])
+    return keras_model, torch_model
+
+
+def frozen_base_keras():
+    """Base (conv, bn) frozen with trainable=False inside a subclassed model: BN in
+    inference mode under fit, statistics fixed."""
+    keras = _keras()
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")
+            self.bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")
+            self.fc = keras.layers.Dense(CLASSES, name="fc")
+
+        def call(self, x, training=None):
+            x = keras.ops.relu(self.bn(self.conv(x), training=training))
+            return self.fc(keras.ops.mean(x, axis=(1, 2)))
+
+    model = Model()
+    model(keras.ops.zeros((1, SIZE, SIZE, 3)))
+    model.conv.trainable = False
+    model.bn.trainable = False
+    return model
+
+
+def frozen_base_torch_no_train_override():
+    """The torch port of the frozen base: requires_grad False and base.eval(), in a wrapper
+    WITHOUT a train() override, so the loop's model.train() puts the BN back in training."""
+    model = _torch_net()
+    for module in (model.conv, model.bn):
+        module.requires_grad_(False)
+        module.eval()
+    return model
+
+
+def frozen_base_torch():
+    """The same, done right: train() re-applies eval() to the frozen part."""
+    torch = _torch()
+    model = _torch_net()
+    for module in (model.conv, model.bn):
+        module.requires_grad_(False)
+
+    def train(mode=True):
+        torch.nn.Module.train(model, mode)
+        model.bn.eval()
+        return model
+
+    model.train = train
+    model.train()
+    return model
+
+
+def functional_training_false_keras():
+    """A trainable base called with training=False inside a functional model (the Keras
+    fine-tuning recipe): under fit the graph's training=False is overridden, BN trains."""
+    keras = _keras()
+    base = keras.Sequential([keras.layers.Conv2D(8, 3, use_bias=False, name="conv"),
+                             keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9,
+                                                             name="bn"),
+                             keras.layers.ReLU(name="relu")], name="base")
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = base(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(CLASSES, name="fc")(x)
+    return keras.Model(inputs, outputs, name="functional")
+
+
+def bn_inference_torch():
+    """The torch twin of the recipe: base trainable, its BN kept in eval mode by train()."""
+    torch = _torch()
+    model = _torch_net()
+
+    def train(mode=True):
+        torch.nn.Module.train(model, mode)
+        model.bn.eval()
+        return model
+
+    model.train = train
+    return model
+
+
+# --- bad input -----------------------------------------------------------------
+def two_convs_keras():
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv2")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def dense_first_torch():
+    """Linear where the Keras model has its conv: unpairable by kind."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0 = nn.Linear(3, 8)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = self.fc0(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(self.bn(x).mean(dim=(2, 3)))
+
+    return Net()
+
+
+def not_a_model():
+    return "a string"
+
+
+def raises():
+    raise RuntimeError("the factory could not build its model")
+
+
+# --- a depthwise pair (MobileNet's building block), correct -------------------
+def depthwise_keras():
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False,
+                                     name="depthwise")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")(x)
+    x = keras.layers.ReLU(6.0, name="relu6")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def depthwise_torch():
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Conv2d(3, 8, 1, bias=False)
+            self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False)
+            self.bn = nn.BatchNorm2d(16)
+            self.relu6 = nn.ReLU6()
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            x = self.relu6(self.bn(self.depthwise(self.expand(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return Net()
+
+
+# --- a real ecosystem pair ------------------------------------------------------
+MOBILENET_SIZE = 32
+
+
+def mobilenet_v2_keras():
+    """keras.applications.MobileNetV2, random weights, 32x32 input (small and fast)."""
+    keras = _keras()
+    return keras.applications.MobileNetV2(weights=None,
+                                          input_shape=(MOBILENET_SIZE, MOBILENET_SIZE, 3))
+
+
+def mobilenet_v2_torch():
+    """torchvision's mobilenet_v2, random weights (seed 0)."""
+    torch = _torch()
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(weights=None)
+
+
+def frozen_bn_torch():
+    """The frozen base with torchvision's FrozenBatchNorm2d: no train() override needed."""
+    _torch()  # torch_impl (torch, torchvision) before anything else
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = _torch_net()
+    frozen = FrozenBatchNorm2d(8, eps=1e-5)
+    frozen.load_state_dict(model.bn.state_dict(), strict=False)
+    model.bn = frozen
+    model.conv.requires_grad_(False)
+    return model

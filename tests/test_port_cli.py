@@ -1,0 +1,129 @@
+"""``freeze-parity port`` and the ``assert_port_matches`` fixture on the example pairs.
+
+Every run goes through ``shared.cli.main`` in this process (the frameworks are
+already imported; the console script is that function, and tests/test_audit.py
+runs it as a subprocess): bad input must come back as exit 2 and one stderr
+line, so a traceback would fail the test as an uncaught exception.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.cli import main
+from shared.pytest_plugin import assert_port_matches
+from tests.examples import port_pairs as pp
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = "tests.examples.port_pairs"
+SHAPE = ["--input-shape", f"{pp.SIZE},{pp.SIZE},3"]
+
+
+def _port(*args):
+    return main(["port", *args])
+
+
+def test_port_command_broken_pair_exit_1_table_findings_json_and_figure(tmp_path, capsys):
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    code = _port(f"{PAIRS}:bn_epsilon_keras", f"{PAIRS}:good_torch", *SHAPE, "--transfer",
+                 "torch", "--steps", "1", "--out", str(out), "--json", str(report))
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "PORT_BN_EPSILON at bn <-> bn" in printed and "fix: pass the same epsilon" in printed
+    assert "first divergent layer bn <-> bn" in printed  # the table title
+    data = json.loads(report.read_text())
+    assert data["ok"] is False and data["first_divergent"]["inference"]["keras_layer"] == "bn"
+    assert [f["code"] for f in data["findings"]][:1] == ["PORT_BN_EPSILON"]
+    assert json.loads((out / "port.json").read_text()) == data
+    assert (out / "port.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_port_command_good_pair_with_torch_weights_file_exit_0(tmp_path, capsys):
+    weights = tmp_path / "torch.pth"
+    torch.save(pp.good_torch().state_dict(), weights)
+    code = _port(f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", *SHAPE, "--transfer", "torch",
+                 "--steps", "1", "--torch-weights", str(weights))
+    assert code == 0, capsys.readouterr().out
+    assert "0 findings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keras_target, torch_target, extra, match", [
+    (f"{PAIRS}:not_a_model", f"{PAIRS}:good_torch", [],
+     f"{PAIRS}:not_a_model: got a builtins.str"),
+    (f"{PAIRS}:good_keras", f"{PAIRS}:raises", [],
+     (f"freeze-parity port: error: {PAIRS}:raises: the factory raised RuntimeError: the "
+      "factory could not build its model")),
+    (f"{PAIRS}:two_convs_keras", f"{PAIRS}:good_torch", [],
+     "different weighted leaf counts: keras 4, torch 3"),
+    (f"{PAIRS}:good_keras", f"{PAIRS}:dense_first_torch", [],
+     "cannot pair keras layer conv (Conv2D"),
+    (f"{PAIRS}:flatten_keras", f"{PAIRS}:flatten_torch", ["--input-shape", "20,20,3"],
+     f"{PAIRS}:flatten_keras: the forward pass on input (H, W, C) (20, 20, 3) failed"),
+    (f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", ["--input-shape", "16,16"],
+     "--input-shape '16,16': expected H,W,C"),
+])
+def test_port_command_bad_input_exit_2_one_line(tmp_path, capsys, keras_target, torch_target,
+                                                extra, match):
+    out = tmp_path / "out"
+    code = _port(keras_target, torch_target, *extra, "--steps", "0", "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and match in err, err
+    assert not out.exists()
+
+
+def test_port_command_bad_torch_weights_file_exit_2(tmp_path, capsys):
+    weights = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    code = _port(f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", *SHAPE, "--torch-weights",
+                 str(weights))
+    err = capsys.readouterr().err
+    assert code == 2 and f"--torch-weights {weights}: does not fit {PAIRS}:good_torch" in err
+
+
+# --------------------------------------------------------------------------- #
+# the pytest fixture
+# --------------------------------------------------------------------------- #
+def test_assert_port_matches_names_first_divergent_layer_and_findings():
+    with pytest.raises(AssertionError) as info:
+        assert_port_matches(pp.same_padding_keras(), pp.same_padding_torch(),
+                            input_shape=(pp.SIZE, pp.SIZE, 3), transfer_from="torch", steps=0)
+    message = str(info.value)
+    assert "first divergent layer conv <-> conv" in message
+    assert "PORT_SAME_PADDING_STRIDE2_EVEN at conv <-> conv" in message
+    report = assert_port_matches(pp.good_keras(), pp.good_torch(),
+                                 input_shape=(pp.SIZE, pp.SIZE, 3), transfer_from="torch",
+                                 steps=0)
+    assert report.ok and len(report.pairs) == 3
+
+
+def test_assert_port_matches_fixture_in_a_user_suite(pytester):
+    pytester.makepyfile(test_user_port="""
+        from tests.examples import port_pairs as pp
+
+        def test_good(assert_port_matches):
+            assert_port_matches(pp.good_keras(), pp.good_torch(), input_shape=(16, 16, 3),
+                                transfer_from="torch", steps=0)
+
+        def test_dropout(assert_port_matches):
+            assert_port_matches(pp.dropout_keras(), pp.dropout_torch(), input_shape=(16, 16, 3),
+                                transfer_from="torch", steps=0)
+    """)
+    pytester.syspathinsert(REPO)
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*PORT_DROPOUT_RATE at dropout <-> dropout*"])
+
+
+def test_bench_port_times_the_check_and_reports_its_verdict():
+    from shared.commands.bench import PORT_BENCH, bench_port
+
+    result = bench_port({**PORT_BENCH, "arch": "tinyconv", "size": 32, "steps": 1})
+    assert result["ok"] and result["pairs"] == 7 and result["findings"] == []
+    assert 0 < result["check_s"] and result["met"] == (result["check_s"] <= result["goal_s"])
