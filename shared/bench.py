@@ -138,14 +138,14 @@ class BenchConfig:
     long_factor: int = LONG_FACTOR
     # untimed runs of every task before the timed repeats
     warmup: int = 1
-    # epochs of the timed pretraining (the cached checkpoint uses PretrainConfig's 6)
+    # epochs of the timed pretraining (the shipped checkpoint took PretrainConfig's 20)
     pretrain_epochs: int = 1
     pretrain: bool = True
     memory: bool = True
     # memory configurations to measure; None = all of memory_tasks()
     memory_only: tuple[str, ...] | None = None
     frameworks: tuple[str, ...] = FRAMEWORK_ORDER
-    # canonical pretrained checkpoint; None = the cached one (as `freeze-parity run` does)
+    # canonical pretrained checkpoint; None = the shipped one for tinyconv (as `freeze-parity run` does)
     checkpoint: str | None = None
     # intra- and inter-op threads in both frameworks; None = each framework's default
     threads: int | None = None
@@ -265,7 +265,7 @@ class _Session:
             strategy, _, steps = rest.partition("/")
             steps = int(steps)
             if kind == "run":
-                # checkpoint as the user gave it (None: the cached one, looked up per run)
+                # checkpoint as the user gave it (None: the shipped one, looked up per run)
                 config = RunConfig(arch=self.spec["arch"], strategy=strategy, steps=steps,
                                    checkpoint=self.spec["checkpoint"])
                 return lambda: self.train.run(config)

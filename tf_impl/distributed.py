@@ -137,9 +137,9 @@ def time_run(config: RunConfig, options: shared_dist.ReplicaOptions | None,
 
 def _probe_keras_data_parallel(devices: list[str]) -> dict:
     """``keras.distribution.DataParallel`` over the logical devices, then a normal run."""
-    from shared.pretrain import ensure_checkpoint
+    from shared.shipped import shipped_checkpoint
 
-    config = RunConfig(strategy="full", steps=3, checkpoint=str(ensure_checkpoint("tinyconv")))
+    config = RunConfig(strategy="full", steps=3, checkpoint=str(shipped_checkpoint("tinyconv")))
     plain = train.run(config)
     listed = keras.distribution.list_devices("cpu")
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=listed))

@@ -98,11 +98,9 @@ def _run_replicas(args) -> int:
 
     if args.replicas < 2:
         raise UsageError(f"--replicas must be >= 2, got {args.replicas}")
-    checkpoint = str(args.checkpoint) if args.checkpoint else None
-    if checkpoint is None:
-        from shared.pretrain import ensure_checkpoint
+    from shared.shipped import default_checkpoint
 
-        checkpoint = str(ensure_checkpoint(args.arch))
+    checkpoint = default_checkpoint(args.arch, str(args.checkpoint) if args.checkpoint else None)
     repeats = args.repeats or 3
     rows = []
     for fw in args.framework or FRAMEWORK_ORDER:
