@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch_impl  # noqa: F401  (must precede tf_impl / tensorflow / keras)
+import torch_impl  # must precede tf_impl / tensorflow / keras
 import tf_impl  # noqa: F401
 
 import pytest
