@@ -7,18 +7,53 @@ TF32 on the TensorFlow side as torch_impl does on the torch side.
 Every session gets its own checkpoint cache (FREEZE_PARITY_CACHE, inherited by
 CLI subprocesses), so tests never read or write ~/.cache. Runs start from the
 pretrained tinyconv checkpoint that ships in the package (sha256-checked), as
-the CLI's do; the tests that pretrain make their own.
+the CLI's do; the tests that pretrain make their own. Under pytest-xdist
+(``make test`` runs ``-n 2 --dist loadgroup``) the workers of one run share
+one cache directory, keyed by the run's id.
+
+Scheduling under xdist: each test file is one group (what ``--dist loadfile``
+would do), so module-scoped fixtures are built once; files that share the
+``run_record`` session fixture's runs are one group (SHARED_GROUPS), so each
+run is computed once per session.
 """
 
 import os
 import tempfile
+from pathlib import Path
 
-import torch_impl  # noqa: F401, I001  (must precede tf_impl / tensorflow / keras)
+import torch_impl  # must precede tf_impl / tensorflow / keras
 import tf_impl  # noqa: F401
 
 import pytest
 
-os.environ["FREEZE_PARITY_CACHE"] = tempfile.mkdtemp(prefix="freeze-parity-test-cache-")
+
+def _cache_dir() -> str:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run:  # an xdist worker: one directory for all workers of this run
+        path = Path(tempfile.gettempdir()) / f"freeze-parity-test-cache-{run}"
+        path.mkdir(exist_ok=True)
+        return str(path)
+    return tempfile.mkdtemp(prefix="freeze-parity-test-cache-")
+
+
+os.environ["FREEZE_PARITY_CACHE"] = _cache_dir()
+
+# One intra-op thread for torch in the test processes, as train.run uses: the suite's nets
+# are tiny, and on a small busy machine torch's OpenMP pool stalls whenever another process
+# (the other xdist worker, TensorFlow's pools) holds a core: an EfficientNet-B0 forward on
+# 32x32 measured 2 s on two threads, 0.07 s on one, at a load average of 6 on 2 cores.
+torch_impl.torch.set_num_threads(1)
+
+# test files whose tests share run_record's runs: scheduled on one xdist worker together
+SHARED_GROUPS = {"test_strategy_oracle.py": "test_train.py", "test_readme_numbers.py": "test_train.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
 
 
 @pytest.fixture(scope="session")

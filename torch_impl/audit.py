@@ -96,7 +96,7 @@ def _mode_dependent(module: nn.Module) -> bool:
             evaluation = module(x)
         return (isinstance(train, torch.Tensor) and isinstance(evaluation, torch.Tensor)
                 and (train.shape != evaluation.shape or not torch.equal(train, evaluation)))
-    except Exception:  # noqa: BLE001  (a module the probe cannot run)
+    except Exception:  # noqa: BLE001  (a module the probe cannot run: mode-independent)
         return False
     finally:
         module.training = training
