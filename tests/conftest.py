@@ -21,8 +21,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# isort: off
 import torch_impl  # must precede tf_impl / tensorflow / keras
 import tf_impl  # noqa: F401
+# isort: on
 
 import pytest
 
