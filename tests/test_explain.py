@@ -228,8 +228,9 @@ def test_keras_fit_reports_batch_size_weighted_mean_of_pre_update_train_losses(m
     assert abs(m.fit_reported - weighted) <= SAME_FRAMEWORK_ATOL, (
         f"model.fit reported {m.fit_reported:.7f}, batch-size-weighted mean of the per-batch "
         f"training-mode losses is {weighted:.7f}")
-    # the weighting is visible: the plain mean of batch losses is not what fit reports
-    assert abs(m.fit_reported - unweighted) > TRAP_MIN_GAP
+    # the weighting is visible: the plain mean of batch losses is 100x further from what fit
+    # reports than the weighted mean may be (5.2e-4 on the shipped checkpoint)
+    assert abs(m.fit_reported - unweighted) > 100 * SAME_FRAMEWORK_ATOL
     # pre-update: the first batch's loss is the loss at the initial weights, not after a step
     assert m.train_losses[0] == m.eval_losses_before[0]
     assert abs(m.fit_reported - m.evaluated) > TRAP_MIN_GAP  # the seed situation: they differ
