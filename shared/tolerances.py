@@ -35,8 +35,10 @@ REPLICA_STEP_ATOL = 1e-5
 # Keras `full`/`bn_adapt` under MirroredStrategy with BatchNormalization(synchronized=True)
 # against one process: the all-reduced moments are summed per replica, then across, and
 # BN's batch-statistics backward amplifies that float32 rounding as it does for
-# FULL_FLOAT32_STEP: measured 5.7e-6 after 5 steps, 4.6e-4 after 30 (the size of the
-# tf-vs-torch `full` drift); still 10x below the unsynchronised gap (3.5e-2).
+# FULL_FLOAT32_STEP: `bn_adapt` measured 5.7e-6 after 5 steps, 6.8e-4 after the demo's 100
+# (the unsynchronised gap: 0.18). `full` synchronized is judged with FULL_FLOAT32_STEP_ATOL
+# instead: like tf vs torch, its 100-step trajectory grows the rounding to 9.0e-2
+# (4.6e-4 after 30 steps).
 REPLICA_SYNC_BN_STEP_ATOL = 3e-3
 
 # --- traps -------------------------------------------------------------------

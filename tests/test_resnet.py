@@ -388,7 +388,7 @@ def test_step_tolerance_resnet18_names_batch_statistics_exceptions():
                      "partial": "STEP_LOSS", "bn_adapt": "RESNET_BATCH_STATS_STEP",
                      "naive": "RESNET_BATCH_STATS_STEP", "full": "RESNET_FULL_FLOAT32_STEP"}
     assert step_tolerance("bn_adapt", "sgd", "float64", "resnet18").name == "STEP_LOSS"
-    assert step_tolerance("bn_adapt", "sgd", "float32", "tinyconv").name == "STEP_LOSS"
+    assert step_tolerance("bn_adapt", "sgd", "float32", "tinyconv").name == "BATCH_STATS_STEP"
 
 
 @pytest.mark.slow
