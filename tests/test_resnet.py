@@ -403,9 +403,10 @@ def test_cross_resnet18_stored_statistics_run_agrees_within_step_loss(resnet_rec
 
 
 @pytest.mark.slow
-# `full` (RESNET_FULL_FLOAT32_STEP) is left to compare --arch resnet18: its float32 and
-# float64 runs cost ~200 s here, and tinyconv's float64 `full` test shows the same effect.
-@pytest.mark.parametrize("strategy, name", [("bn_adapt", "RESNET_BATCH_STATS_STEP")])
+# On the shipped data `bn_adapt` stays within STEP_LOSS for these 8 steps (4.8e-7 measured)
+# and leaves it only later (1.2e-5 after the demo's 100); `full`, which also trains every
+# convolution, shows the float32 divergence within the 8 steps.
+@pytest.mark.parametrize("strategy, name", [("full", "RESNET_FULL_FLOAT32_STEP")])
 def test_cross_resnet18_batch_statistics_run_leaves_step_loss_within_own_tolerance(
         resnet_record, strategy, name, record_property):
     from shared.compare import step_tolerance
@@ -419,7 +420,7 @@ def test_cross_resnet18_batch_statistics_run_leaves_step_loss_within_own_toleran
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["bn_adapt"])
+@pytest.mark.parametrize("strategy", ["full"])
 def test_cross_resnet18_batch_statistics_divergence_is_float32_rounding(resnet_record, strategy,
                                                                         record_property):
     """The same runs in float64 agree to float64 rounding: no BN convention differs."""
