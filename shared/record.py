@@ -22,10 +22,16 @@ from shared.strategies import get_strategy
 __all__ = ["OPTIMIZERS", "HeldOut", "RunConfig", "RunRecord", "StepRecord"]
 
 OPTIMIZERS = ("sgd", "adam")
-# The demo's settings (100 steps): large enough that fine-tuning visibly learns (held-out
-# target accuracy 0.48-0.92 by strategy), small enough that `full` stays stable (at 0.03
-# the two frameworks' float32 runs ended 0.34 apart, against 0.06 at 0.02).
-DEFAULT_LEARNING_RATE = {"sgd": 0.02, "adam": 0.001}
+# Steps and learning rates when a config leaves them None, per arch. tinyconv: the demo's,
+# long enough that fine-tuning visibly learns (held-out target accuracy 0.48-0.92 by
+# strategy), small enough that `full` stays stable (at SGD 0.03 the two frameworks' float32
+# runs ended 0.34 apart, against 0.06 at 0.02). ResNet-18 learns the target in fewer steps
+# (0.94 after 30) and costs ~10x more per step; at 100 steps of SGD 0.02 its `partial` runs
+# drifted 6.8e-2 apart, at 30 steps of 0.01 every strategy agrees to 9.1e-7.
+ARCH_DEFAULTS = {
+    "tinyconv": {"steps": 100, "sgd": 0.02, "adam": 0.001},
+    "resnet18": {"steps": 30, "sgd": 0.01, "adam": 0.001},
+}
 # 2: records carry `moved` (every tensor that changed over the run, not only declared-frozen ones)
 RECORD_VERSION = 2
 
@@ -34,11 +40,11 @@ RECORD_VERSION = 2
 class RunConfig:
     arch: str = "tinyconv"
     strategy: str = "frozen"
-    steps: int = 100
+    steps: int | None = None  # None: ARCH_DEFAULTS[arch]["steps"]
     batch_size: int = 32
     # sgd: plain or with momentum; adam: see adam_epsilon
     optimizer: str = "sgd"
-    # None = the optimizer's default above (SGD 0.02, Adam 0.001)
+    # None = ARCH_DEFAULTS[arch][optimizer] (tinyconv: SGD 0.02, Adam 0.001)
     learning_rate: float | None = None
     momentum: float = 0.9  # sgd only; 0 = plain SGD
     # Keras adds epsilon to sqrt(v) *before* bias correction, torch after; no single
@@ -59,10 +65,13 @@ class RunConfig:
     checkpoint: str | None = None
 
     def __post_init__(self):
-        if self.learning_rate is None:
-            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATE.get(self.optimizer))
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
+        defaults = ARCH_DEFAULTS[self.arch]
+        if self.steps is None:
+            object.__setattr__(self, "steps", defaults["steps"])
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", defaults.get(self.optimizer))
         get_strategy(self.strategy)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}")

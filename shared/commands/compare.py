@@ -33,10 +33,10 @@ def add_parser(parser) -> None:
     parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated, in table order (default: all: {','.join(STRATEGIES)})")
-    parser.add_argument("--steps", type=int, default=RunConfig.steps,
-                        help=f"optimizer steps per run (default {RunConfig.steps})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run (default: tinyconv 100, resnet18 30)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02, Adam 0.001")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 0.01), Adam 0.001")
     parser.add_argument("--checkpoint", default=None,
                         help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
                              "here on first use); default: the shipped one (tinyconv) or the "
@@ -122,7 +122,7 @@ def _progress(quiet: bool):
 def run(args) -> int:
     # --- everything that can be wrong with the input, before anything runs ---------------
     strategies = parse_strategies(args.strategies)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.replicas < 1 or RunConfig.batch_size % args.replicas:
         raise UsageError(f"--replicas must be >= 1 and divide the batch of {RunConfig.batch_size}, "

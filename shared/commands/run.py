@@ -25,9 +25,10 @@ def add_parser(parser) -> None:
     parser.add_argument("--framework", choices=frameworks.FRAMEWORKS, required=True)
     parser.add_argument("--strategy", choices=list(STRATEGIES), required=True)
     parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
-    parser.add_argument("--steps", type=int, default=RunConfig.steps)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: tinyconv 100, resnet18 30)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02, Adam 0.001")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 0.01), Adam 0.001")
     parser.add_argument("--checkpoint", default=None,
                         help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
                              "here on first use); default: the shipped one (tinyconv) or the "
