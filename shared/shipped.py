@@ -95,16 +95,22 @@ def shipped_checkpoint(arch: str = "tinyconv", directory: Path | None = None) ->
     return path
 
 
+def uses_cache(arch: str, checkpoint: str | None = None) -> bool:
+    """Whether a run of ``arch`` given ``checkpoint`` starts from the cache's checkpoint:
+    asked for (``"cache"``), or no checkpoint given and none ships for ``arch``."""
+    if checkpoint is None:
+        return arch not in SHIPPED_ARCHS
+    return str(checkpoint) == CACHE
+
+
 def default_checkpoint(arch: str, checkpoint: str | None = None) -> str:
     """What a run starts from: ``checkpoint`` if given, the cache if it is ``"cache"``,
     else the shipped file (tinyconv) or the cache (pretrained on first use)."""
     from shared.pretrain import ensure_checkpoint
 
-    if checkpoint and checkpoint != CACHE:
-        return str(checkpoint)
-    if checkpoint != CACHE and arch in SHIPPED_ARCHS:
-        return str(shipped_checkpoint(arch))
-    return str(ensure_checkpoint(arch))
+    if uses_cache(arch, checkpoint):
+        return str(ensure_checkpoint(arch))
+    return str(checkpoint) if checkpoint is not None else str(shipped_checkpoint(arch))
 
 
 def ship(arch: str = "tinyconv", directory: Path | None = None, framework: str = "torch") -> dict:

@@ -21,7 +21,7 @@ from shared.errors import UsageError
 from shared.io import ensure_writable_dir
 from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint
 from shared.record import OPTIMIZERS, RunConfig
-from shared.shipped import CACHE, SHIPPED_ARCHS, shipped_checkpoint
+from shared.shipped import default_checkpoint, uses_cache
 from shared.strategies import STRATEGIES
 
 __all__ = ["DEFAULT_OUT", "add_parser", "parse_strategies", "pretrained_checkpoint", "run"]
@@ -75,10 +75,8 @@ def pretrained_checkpoint(arch: str, command: str = "compare", checkpoint=None) 
     """What the runs start from: ``checkpoint`` if given; else the shipped file (tinyconv,
     sha256-checked) or, with ``"cache"`` or for resnet18, the cache's (pretrained first, and
     said so, if absent)."""
-    if checkpoint is not None and str(checkpoint) != CACHE:
-        return str(checkpoint)
-    if checkpoint is None and arch in SHIPPED_ARCHS:
-        return str(shipped_checkpoint(arch))
+    if not uses_cache(arch, checkpoint):
+        return default_checkpoint(arch, checkpoint)
     if not _cached_checkpoint_usable(arch):
         print(f"freeze-parity {command}: no pretrained {arch} checkpoint in the cache yet: "
               f"pretraining it on the source domain first (once; "
