@@ -8,9 +8,9 @@ DEPS_STAMP := $(VENV)/.deps-installed
 # The project itself is installed editable from *this* checkout; the stamp is
 # keyed by the checkout's path, so a shared VENV is re-pointed at each clone.
 PROJECT_STAMP := $(VENV)/.project-$(shell echo "$(abspath .)" | md5sum | cut -c1-12)
-# two xdist workers (the machine has 2 cores); each test file is one scheduling group
+# two xdist workers (the machine has 2 cores); each test file is one work unit
 # (tests/conftest.py), so module fixtures are built once and shared runs computed once
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: venv test demo bench lint clean
 

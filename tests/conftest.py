@@ -7,26 +7,32 @@ TF32 on the TensorFlow side as torch_impl does on the torch side.
 Every session gets its own checkpoint cache (FREEZE_PARITY_CACHE, inherited by
 CLI subprocesses), so tests never read or write ~/.cache. Runs start from the
 pretrained tinyconv checkpoint that ships in the package (sha256-checked), as
-the CLI's do; the tests that pretrain make their own. Under pytest-xdist
-(``make test`` runs ``-n 2 --dist loadgroup``) the workers of one run share
-one cache directory, keyed by the run's id.
+the CLI's do; the tests that pretrain make their own. Under pytest-xdist the
+workers of one run share one cache directory, keyed by the run's id.
 
-Scheduling under xdist: each test file is one group (what ``--dist loadfile``
-would do), so module-scoped fixtures are built once; files that share the
-``run_record`` session fixture's runs are one group (SHARED_GROUPS), so each
-run is computed once per session.
+Scheduling under xdist (``make test`` runs ``-n 2 --dist loadfile``): each test
+file is one work unit, so its module-scoped fixtures are built once, and files
+that share the ``run_record`` session fixture's runs are one unit with the file
+they share with (SHARED_GROUPS), so each run is computed once per session. The
+units are handed out heaviest first (UNIT_ORDER), so the two workers finish
+together. xdist's own ``--dist loadgroup`` cannot do this under pytest 9: it
+marks a group by rewriting ``item._nodeid``, which pytest 9 no longer reads, so
+every test became its own unit and both workers built every fixture. The
+scheduler that replaces it is tests/xdist_units.py (pinned by
+tests/test_xdist_units.py).
+
+The controller process of an xdist run collects and runs nothing, so it does
+not import the frameworks (about 14 s on this machine); every process that runs
+tests imports torch_impl before tf_impl in ``pytest_configure``, before any
+test module is imported.
 """
 
 import os
 import tempfile
 from pathlib import Path
 
-# isort: off
-import torch_impl  # must precede tf_impl / tensorflow / keras
-import tf_impl  # noqa: F401
-# isort: on
-
 import pytest
+from xdist_units import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401
 
 
 def _cache_dir() -> str:
@@ -40,22 +46,24 @@ def _cache_dir() -> str:
 
 os.environ["FREEZE_PARITY_CACHE"] = _cache_dir()
 
-# One intra-op thread for torch in the test processes, as train.run uses: the suite's nets
-# are tiny, and on a small busy machine torch's OpenMP pool stalls whenever another process
-# (the other xdist worker, TensorFlow's pools) holds a core: an EfficientNet-B0 forward on
-# 32x32 measured 2 s on two threads, 0.07 s on one, at a load average of 6 on 2 cores.
-torch_impl.torch.set_num_threads(1)
 
-# test files whose tests share run_record's runs: scheduled on one xdist worker together
-SHARED_GROUPS = {"test_strategy_oracle.py": "test_train.py", "test_readme_numbers.py": "test_train.py"}
+def _is_xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and "PYTEST_XDIST_WORKER" not in os.environ
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
+def pytest_configure(config):
+    if _is_xdist_controller(config):
+        return
+    # isort: off
+    import torch_impl  # must precede tf_impl / tensorflow / keras
+    import tf_impl  # noqa: F401
+    # isort: on
+
+    # One intra-op thread for torch in the test processes, as train.run uses: the suite's
+    # nets are tiny, and on a small busy machine torch's OpenMP pool stalls whenever another
+    # process (the other xdist worker, TensorFlow's pools) holds a core: an EfficientNet-B0
+    # forward on 32x32 measured 2 s on two threads, 0.07 s on one, at a load average of 6.
+    torch_impl.torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
