@@ -109,7 +109,9 @@ def test_collection_order_puts_units_in_unit_order(pytester, monkeypatch):
     _suite(pytester, pytester.path / "builds.log")
     pytester.makeconftest("from xdist_units import *  # noqa: F401,F403\n")
     monkeypatch.syspath_prepend(str(TESTS))
-    recorded = pytester.inline_run("--collect-only", "-p", "no:cacheprovider")
+    # importlib mode: this process may already hold the real test_train etc. as modules
+    recorded = pytester.inline_run("--collect-only", "-p", "no:cacheprovider",
+                                   "--import-mode=importlib")
     items = recorded.getcall("pytest_collection_finish").session.items  # after modifyitems
     units = [unit_of(item.nodeid) for item in items]
     assert len(units) == 5 * len(FILES)
