@@ -656,8 +656,26 @@ def _step_tolerance(pairs: Sequence[Pair], before, after) -> dict:
     return {"name": "STEP_LOSS", "atol": tol.STEP_LOSS_ATOL, "rtol": tol.STEP_LOSS_RTOL}
 
 
-def _moved(pairs: Sequence[Pair], before, after, step_tol: dict) -> tuple[list[dict], list]:
-    """Per paired tensor: largest change on each side, and the freezing findings."""
+# tensors a BatchNorm updates itself; every other paired tensor is moved by the optimizer
+_STATISTICS = ("running_mean", "running_var")
+
+
+def _adam_tensor_atol(optimizer: str, learning_rate: float, steps: int) -> float:
+    """Extra atol for optimizer-updated tensors after the built-in Adam's steps (0 for SGD).
+
+    Adam's step is elementwise m / sqrt(v): an element whose gradient rounds to about 0
+    moves by up to lr in a direction the rounding decides (PORT_ADAM_TENSOR_LR_STEPS).
+    """
+    return tol.PORT_ADAM_TENSOR_LR_STEPS * learning_rate * steps if optimizer == "adam" else 0.0
+
+
+def _moved(pairs: Sequence[Pair], before, after, step_tol: dict,
+           param_atol: float = 0.0) -> tuple[list[dict], list]:
+    """Per paired tensor: largest change on each side, and the freezing findings.
+
+    ``param_atol`` is added to the step tolerance for the tensors the optimizer moves
+    (``_adam_tensor_atol``); BatchNorm statistics keep the step tolerance.
+    """
     rows, findings, convention = [], [], []
     for p in pairs:
         kb, tb = before[p.label]
@@ -674,8 +692,9 @@ def _moved(pairs: Sequence[Pair], before, after, step_tol: dict) -> tuple[list[d
             if (kc > 0) != (tc > 0):
                 findings.append(_finding("PORT_MOVED_ONE_SIDE", p, f"{key} changed by {kc:.3g}",
                                          f"{key} changed by {tc:.3g}"))
-            elif kc > 0 and not np.allclose(ka[key], ta[key], atol=step_tol["atol"],
-                                            rtol=step_tol["rtol"]):
+            elif kc > 0 and not np.allclose(
+                    ka[key], ta[key], rtol=step_tol["rtol"],
+                    atol=step_tol["atol"] + (0.0 if key in _STATISTICS else param_atol)):
                 findings.append(_finding("PORT_STATS_DIVERGE", p, f"{key} changed by {kc:.3g}",
                                          f"{key} changed by {tc:.3g}",
                                          f"after the steps they are {gap:.3g} apart"))
@@ -799,7 +818,10 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
                                      torch_optimizer)
         after = {p.label: (k_after[p.keras.name], t_after[p.torch.name]) for p in pairs}
         step_tol = _step_tolerance(pairs, tensors, after)
-        moved_rows, freeze_findings = _moved(pairs, tensors, after, step_tol)
+        if keras_optimizer is None and torch_optimizer is None:  # the built-in optimizers
+            step_tol["param_atol"] = _adam_tensor_atol(optimizer, learning_rate, steps)
+        moved_rows, freeze_findings = _moved(pairs, tensors, after, step_tol,
+                                             step_tol.get("param_atol", 0.0))
         for i, (kl, tl) in enumerate(zip(k_losses, t_losses)):
             step_rows.append({"step": i, "keras_train": kl[0], "keras_eval": kl[1],
                               "torch_train": tl[0], "torch_eval": tl[1]})
@@ -820,6 +842,11 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
         tolerance["steps"] = step_tol
         notes.append(f"{steps} {optimizer} steps (lr {learning_rate:g}) on seeded batches of "
                      f"{batch_size}, dropout off on both sides; {setup['loss']} loss")
+        if step_tol.get("param_atol"):
+            notes.append(f"Adam: optimizer-updated tensors compared with atol "
+                         f"{step_tol['atol']:g} + {step_tol['param_atol']:g} "
+                         f"(PORT_ADAM_TENSOR_LR_STEPS x lr x steps: near-zero gradients step "
+                         f"by about lr either way); BatchNorm statistics without it")
     return PortReport(
         keras_model=names[0], torch_model=names[1], input_shape=chw,
         pairs=[(p.keras.name, p.torch.name, p.keras.kind) for p in pairs],
