@@ -2,7 +2,7 @@
 
 Benchmarks are not tests: nothing here checks a timing, a ratio or a goal.
 The bench runs on smoke-test settings (``--quick``: one repeat, N=2 steps, no
-warm-up) from a one-epoch checkpoint made here, and the tests check that every
+warm-up) from the shipped checkpoint, and the tests check that every
 figure it promises is present, that durations and memory are positive numbers,
 and that the figures are the arithmetic the module documents.
 """
@@ -19,7 +19,6 @@ import pytest
 from shared import bench
 from shared.checkpoint import save_checkpoint
 from shared.commands import bench as bench_command
-from shared.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RESNET = all((ROOT / pkg / "resnet.py").is_file() for pkg in ("tf_impl", "torch_impl"))
@@ -43,11 +42,9 @@ def _is_number(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_checkpoint(tmp_path_factory) -> Path:
-    """A one-epoch tinyconv checkpoint: timings do not depend on how well it learned."""
-    path = tmp_path_factory.mktemp("bench") / "tinyconv-1epoch.safetensors"
-    pretrain(PretrainConfig(arch="tinyconv", framework="torch", epochs=1), path)
-    return path
+def quick_checkpoint(tinyconv_checkpoint) -> Path:
+    """The shipped tinyconv checkpoint (what `make bench` times by default)."""
+    return tinyconv_checkpoint
 
 
 @pytest.fixture(scope="module")
