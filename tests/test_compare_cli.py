@@ -4,9 +4,9 @@ Each run goes through ``shared.cli.main`` in this process (tests/cli_inprocess.p
 what the console script runs, with its exit status and its stdout and stderr
 captured), so it does not pay for importing the frameworks again; the one real
 console-script run is in tests/test_cli.py. The cache (``FREEZE_PARITY_CACHE``,
-set for each call only) is a directory of the session's temp dir, pretrained
-once (tests/test_explain.py uses the same one). Runs are short (``STEPS``
-steps, two strategies) to keep the file fast.
+set for each call only) is an empty directory of the session's temp dir: runs
+start from the shipped checkpoint, and nothing is pretrained. Runs are short
+(``STEPS`` steps, two strategies) to keep the file fast.
 
 Exit status 1 needs a run whose declared expectations fail. The project's own
 catalogue is right, so the test declares a wrong one, honestly and visibly:

@@ -2,7 +2,8 @@
 
 The measured tests fit one short epoch (the first ``EXAMPLES`` target training
 images, in batches of 32 and a last batch of 4, so batch-size weighting shows)
-from a checkpoint pretrained once per session into the session's temp dir.
+from the shipped pretrained checkpoint, as ``freeze-parity explain`` does; the
+CLI test runs the command through ``shared.cli.main`` in this process.
 """
 
 from __future__ import annotations
