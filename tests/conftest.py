@@ -25,6 +25,11 @@ The controller process of an xdist run collects and runs nothing, so it does
 not import the frameworks (about 14 s on this machine); every process that runs
 tests imports torch_impl before tf_impl in ``pytest_configure``, before any
 test module is imported.
+
+Every collected node id is recorded (tests/session_ids.py), so
+tests/test_porting_doc.py checks the guide's citations against this session's
+collection when it collected the whole tests directory, instead of collecting
+again in a new process.
 """
 
 import os
@@ -32,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from session_ids import pytest_itemcollected  # noqa: F401
 from xdist_units import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401
 
 

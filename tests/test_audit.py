@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from cli_inprocess import cli
 from torch import nn
 
 from shared.archs import arch_config
@@ -441,7 +441,9 @@ def _run(target: str, framework: str | None = None) -> int:
 
 @pytest.fixture
 def in_repo(monkeypatch):
+    """cwd at the repo, as a user's shell; the command's sys.path insert is undone after."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 @pytest.mark.parametrize("factory, status", [("frozen_torch", 0), ("naive_torch", 1),
@@ -483,48 +485,17 @@ def test_audit_command_saved_keras_file(tmp_path, capsys):
         _run(str(corrupt))
 
 
-_PARSER_ONLY = """
-import argparse, sys
-from shared.cli import _Parser
-from shared.commands import audit
-parser = _Parser(prog="freeze-parity audit")
-audit.add_parser(parser)
-args = parser.parse_args(sys.argv[1:])
-sys.exit(audit.run(args))
-"""
-
-
-@pytest.mark.slow
-def test_audit_command_subprocess_json_and_exit_status():
-    argv = [sys.executable, "-c", _PARSER_ONLY, f"{FACTORIES}:naive_torch", "--json"]
-    done = subprocess.run(argv, cwd=REPO, check=False, capture_output=True, text=True,
-                          timeout=120)
+def test_audit_cli_json_naive_exits_1_names_the_hazard(in_repo):
+    done = cli("audit", f"{FACTORIES}:naive_torch", "--json")
     assert done.returncode == 1, done.stderr
     assert json.loads(done.stdout)["hazards"][0]["code"] == "TORCH_BN_FROZEN_PARAMS_BATCH_STATS"
 
 
-def test_audit_console_script_bad_target_exits_2_without_traceback():
-    from shared.cli import COMMANDS
-
-    missing = [name for name in COMMANDS
-               if not (REPO / "shared" / "commands" / f"{name}.py").exists()]
-    if missing:  # shared/cli.py imports every command module to build its parser
-        pytest.skip(f"shared/commands/{{{','.join(missing)}}}.py not written yet")
-    script = Path(sys.executable).with_name("freeze-parity")
-    done = subprocess.run([str(script), "audit", f"{FACTORIES}:naive_torch"], cwd=REPO,
-                          check=False, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, done.stderr
-    bad = subprocess.run([str(script), "audit", f"{FACTORIES}:broken"], cwd=REPO,
-                         check=False, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().count("\n") == 0 and "factory raised RuntimeError" in bad.stderr
-
-
-def test_audit_cli_main_bad_target_exits_2_one_line(in_repo, monkeypatch, capsys):
-    from shared import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", {"audit": cli.COMMANDS["audit"]})  # only this command
-    assert cli.main(["audit", f"{FACTORIES}:broken"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("freeze-parity audit: error: ") and err.count("\n") == 1
-    assert cli.main(["audit", f"{FACTORIES}:naive_torch"]) == 1
+def test_audit_cli_bad_target_exits_2_one_line_without_traceback(in_repo):
+    """Through shared.cli.main, what the console script runs (tests/cli_inprocess.py)."""
+    bad = cli("audit", f"{FACTORIES}:broken")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.startswith("freeze-parity audit: error: ") and bad.stderr.endswith("\n")
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    assert "factory raised RuntimeError" in bad.stderr
+    assert cli("audit", f"{FACTORIES}:naive_torch").returncode == 1

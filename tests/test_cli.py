@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inprocess import Completed
+from cli_inprocess import cli as cli_inprocess
 
-from shared import cli
+from shared import __version__, cli
 from shared.checkpoint import load_checkpoint
 from shared.pretrain import MIN_SOURCE_ACCURACY
 from shared.record import RunRecord
@@ -50,6 +52,48 @@ def test_cli_prints_an_error_message_as_raised(monkeypatch, capsys):
     monkeypatch.setattr(run, "run", two_lines)
     assert cli.main(_run_argv("unused.safetensors")) == 2
     assert capsys.readouterr().err == "freeze-parity run: error: first line\nsecond line\n"
+
+
+# --- tests/cli_inprocess.py (how the other CLI tests run the command) -------------------------
+
+def test_cli_inprocess_version_exit_0_on_captured_stdout():
+    assert cli_inprocess("--version") == Completed(0, f"freeze-parity {__version__}\n", "")
+
+
+def test_cli_inprocess_argparse_error_exit_2_one_captured_stderr_line():
+    done = cli_inprocess("no-such-command")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("freeze-parity: error: argument command: invalid choice"), done.stderr
+
+
+def test_cli_inprocess_env_applies_for_the_call_only(monkeypatch):
+    from shared.commands import run
+
+    seen = []
+    monkeypatch.setenv("FREEZE_PARITY_UNSET_ME", "before")
+    monkeypatch.delenv("FREEZE_PARITY_SET_ME", raising=False)
+    monkeypatch.setattr(run, "run", lambda args: seen.append(
+        (os.environ.get("FREEZE_PARITY_SET_ME"), os.environ.get("FREEZE_PARITY_UNSET_ME"))) or 3)
+    done = cli_inprocess(*_run_argv("unused.safetensors"),
+                         env={"FREEZE_PARITY_SET_ME": "during", "FREEZE_PARITY_UNSET_ME": None})
+    assert done.returncode == 3 and seen == [("during", None)]
+    assert "FREEZE_PARITY_SET_ME" not in os.environ
+    assert os.environ["FREEZE_PARITY_UNSET_ME"] == "before"
+
+
+def test_cli_inprocess_other_exceptions_propagate_streams_restored(monkeypatch):
+    from shared.commands import run
+
+    def crash(args):
+        print("partial output")
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(run, "run", crash)
+    stdout, stderr = sys.stdout, sys.stderr
+    with pytest.raises(RuntimeError, match="a bug, not bad input"):
+        cli_inprocess(*_run_argv("unused.safetensors"))
+    assert (sys.stdout, sys.stderr) == (stdout, stderr)
 
 
 # --- run --------------------------------------------------------------------------------------

@@ -1,46 +1,40 @@
-"""``freeze-parity compare`` end to end, through a subprocess as a user runs it.
+"""``freeze-parity compare`` end to end, as a user runs it.
 
-The cache (``FREEZE_PARITY_CACHE``) is a directory of the session's temp dir,
-pretrained once (tests/test_explain.py uses the same one). Runs are short
+Each run goes through ``shared.cli.main`` in this process (tests/cli_inprocess.py:
+what the console script runs, with its exit status and its stdout and stderr
+captured), so it does not pay for importing the frameworks again; the one real
+console-script run is in tests/test_cli.py. The cache (``FREEZE_PARITY_CACHE``,
+set for each call only) is an empty directory of the session's temp dir: runs
+start from the shipped checkpoint, and nothing is pretrained. Runs are short
 (``STEPS`` steps, two strategies) to keep the file fast.
 
 Exit status 1 needs a run whose declared expectations fail. The project's own
 catalogue is right, so the test declares a wrong one, honestly and visibly:
-the subprocess replaces ``frozen``'s expectation with "BatchNorm statistics
-change" before calling the CLI; the real run then shows they did not, and
-compare must say so and exit 1.
+the ``wrong_expectation`` fixture replaces ``frozen``'s expectation with
+"BatchNorm statistics change" for that test only; the real run then shows
+they did not, and compare must say so and exit 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_inprocess import Completed, cli
 from PIL import Image
 from table_cells import parse_table
 
 from shared import report as rep
+from shared import strategies
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.shipped import shipped_checkpoint
 
 STEPS = 5
 PAIR = ("frozen", "naive")
 
-# Declares a wrong expectation for `frozen` (statistics change), then runs the CLI.
-WRONG_EXPECTATION = (
-    "import dataclasses, sys\n"
-    "from shared import strategies\n"
-    "s = strategies.STRATEGIES['frozen']\n"
-    "wrong = {fw: dataclasses.replace(e, bn_stats_changed=True) for fw, e in s.expect.items()}\n"
-    "strategies.STRATEGIES['frozen'] = dataclasses.replace(s, expect=wrong)\n"
-    "from shared.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +44,8 @@ def cache(tmp_path_factory) -> Path:
     return path
 
 
-def _compare(cache: Path, *argv: str, script: str | None = None) -> subprocess.CompletedProcess:
-    entry = ["-c", script] if script else ["-m", "shared.cli"]
-    return subprocess.run([sys.executable, *entry, "compare", *argv], capture_output=True,
-                          text=True, env={**os.environ, "FREEZE_PARITY_CACHE": str(cache)},
-                          timeout=600, check=False)
+def _compare(cache: Path, *argv: str) -> Completed:
+    return cli("compare", *argv, env={"FREEZE_PARITY_CACHE": str(cache)})
 
 
 def _formatted(report: dict) -> list[list[str]]:
@@ -140,11 +131,19 @@ def test_compare_figure_is_png_with_one_panel_per_strategy(ok_run):
 # --------------------------------------------------------------------------- #
 # exit 1: a declared expectation fails
 # --------------------------------------------------------------------------- #
+@pytest.fixture
+def wrong_expectation(monkeypatch):
+    """Declares a wrong expectation for `frozen` (statistics change), for one test."""
+    s = strategies.STRATEGIES["frozen"]
+    wrong = {fw: dataclasses.replace(e, bn_stats_changed=True) for fw, e in s.expect.items()}
+    monkeypatch.setitem(strategies.STRATEGIES, "frozen", dataclasses.replace(s, expect=wrong))
+
+
 @pytest.mark.slow
-def test_compare_exit_1_names_the_failed_expectation(cache, tmp_path):
+def test_compare_exit_1_names_the_failed_expectation(cache, tmp_path, wrong_expectation):
     out = tmp_path / "reports"
     proc = _compare(cache, "--strategies", "frozen", "--steps", str(STEPS), "--out", str(out),
-                    "--json", "--quiet", script=WRONG_EXPECTATION)
+                    "--json", "--quiet")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads((out / "report.json").read_text())
@@ -187,22 +186,14 @@ def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
     (["--out", "{file}/reports"], "--out directory"),
 ], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "missing-ckpt",
         "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable"])
-def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, monkeypatch, capsys,
-                                                           argv, message):
-    """In process (shared.cli.main, what the console script runs): the raw stderr line."""
-    from shared import cli
-
-    monkeypatch.setenv("FREEZE_PARITY_CACHE", str(cache))
+def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv, message):
+    """One stderr line as printed, nothing on stdout, no partial report."""
     argv, out = _bad_argv(argv, tmp_path, cache)
-    try:
-        status = cli.main(["compare", *argv])
-    except SystemExit as exit_:  # argparse's own errors exit from parse_args
-        status = exit_.code
-    captured = capsys.readouterr()
-    assert status == 2, captured.out + captured.err
-    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
-    assert captured.err.startswith("freeze-parity compare: error: "), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
+    proc = _compare(cache, *argv)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("freeze-parity compare: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not out.exists() or list(out.iterdir()) == []  # no partial report
 
 
@@ -218,17 +209,6 @@ def _bad_argv(argv, tmp_path, cache):
     defaults = {"--steps": str(STEPS), "--out": str(out)}
     argv += [arg for flag, value in defaults.items() if flag not in argv for arg in (flag, value)]
     return argv, out
-
-
-def test_compare_subprocess_bad_checkpoint_exit_2_one_raw_line(cache, tmp_path):
-    """The real process, for the case raised after the framework imports: one raw line."""
-    argv, out = _bad_argv(["--checkpoint", "{wrong-shape}"], tmp_path, cache)
-    proc = _compare(cache, *argv)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("freeze-parity compare: error: ")
-    assert "key 'base.block1.conv.weight': shape expected (16, 3, 3, 3)" in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_compare_says_when_it_pretrains(tmp_path, monkeypatch, capsys):

@@ -1,16 +1,14 @@
 """``freeze-parity convert``: torchvision ResNet-18 state_dict <-> canonical checkpoint.
 
 The command is called through its own module (``add_parser`` + ``run``) so it
-is testable before the other subcommands exist; one subprocess test runs the
-real ``python -m shared.cli`` once they do.
+is testable before the other subcommands exist; one test runs the whole command
+line (``shared.cli.main``, what the console script runs, in this process:
+tests/cli_inprocess.py) once they do.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+from cli_inprocess import cli
 
 from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared.cli import COMMANDS
@@ -291,23 +290,19 @@ _ABSENT_COMMANDS = [name for name in COMMANDS
 @pytest.mark.skipif(bool(_ABSENT_COMMANDS),
                     reason=f"shared.cli imports every command module; not written yet: "
                            f"{', '.join(_ABSENT_COMMANDS)}")
-def test_convert_cli_subprocess_roundtrip_and_error(tmp_path, pth):
-    env = {k: v for k, v in os.environ.items() if k != "FREEZE_PARITY_DEBUG"}  # no tracebacks
+def test_convert_cli_roundtrip_and_bad_input_exit_2_one_line(tmp_path, pth):
+    def convert(*args):
+        return cli("convert", *map(str, args), env={"FREEZE_PARITY_DEBUG": None})  # no tracebacks
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "shared.cli", "convert", *map(str, args)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                              check=False)
-
-    done = cli(pth, tmp_path / "a.safetensors")
+    done = convert(pth, tmp_path / "a.safetensors")
     assert done.returncode == 0, done.stderr
-    done = cli(tmp_path / "a.safetensors", tmp_path / "b.pth")
+    done = convert(tmp_path / "a.safetensors", tmp_path / "b.pth")
     assert done.returncode == 0, done.stderr
     torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "b.pth", weights_only=True))
 
     bad = tmp_path / "bad.pth"
     torch.save({k: v for k, v in torch.load(pth, weights_only=True).items() if k != LAYER}, bad)
-    done = cli(bad, tmp_path / "c.safetensors")
+    done = convert(bad, tmp_path / "c.safetensors")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert LAYER in done.stderr and not (tmp_path / "c.safetensors").exists()

@@ -2,24 +2,21 @@
 
 The measured tests fit one short epoch (the first ``EXAMPLES`` target training
 images, in batches of 32 and a last batch of 4, so batch-size weighting shows)
-from a checkpoint pretrained once per session into the session's temp dir.
+from the shipped pretrained checkpoint, as ``freeze-parity explain`` does; the
+CLI test runs the command through ``shared.cli.main`` in this process.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_inprocess import cli
 
 import shared.explain as ex
 from shared import frameworks
 from shared.record import RunConfig
-from shared.shipped import shipped_checkpoint
 from shared.tolerances import SAME_FRAMEWORK_ATOL, STEP_LOSS_ATOL, STEP_LOSS_RTOL, TRAP_MIN_GAP
 
 EXAMPLES = 100  # 3 batches of 32 and one of 4
@@ -252,17 +249,11 @@ def test_decompose_function_matches_measurement(measure, checkpoint):
     assert d == ex.decompose(measure("torch", "frozen"))
 
 
-def _cache_env(checkpoint: str) -> dict[str, str]:
-    return dict(os.environ)  # the session's cache (tests/conftest.py); runs use the shipped file
-
-
 @pytest.mark.slow
-def test_explain_cli_json_torch(checkpoint):
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "explain", "--framework", "torch", "--json",
-         "--examples", str(EXAMPLES)],
-        capture_output=True, text=True, env=_cache_env(checkpoint), timeout=300,
-        check=False)
+def test_explain_cli_json_torch():
+    """Through shared.cli.main (tests/cli_inprocess.py), on the session's cache (tests/conftest.py):
+    runs use the shipped checkpoint."""
+    proc = cli("explain", "--framework", "torch", "--json", "--examples", str(EXAMPLES))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert [(d["framework"], d["strategy"]) for d in result["decompositions"]] == [

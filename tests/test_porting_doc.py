@@ -3,7 +3,9 @@ installed versions, and the recipes shown are the files in docs/recipes/, which 
 
 Any table in the guide may gain rows that cite tests in other files: a row's last cell is
 searched for pytest node ids (``tests/<path>.py::<name>`` or ``...::<name>[<param>]``), and
-the cited files are collected (not run) once per session in a fresh ``pytest --collect-only``.
+checked against the node ids of the cited files: those this session collected when it
+collected the whole tests directory (tests/session_ids.py: before ``-k``/``-m``), else those of
+one fresh ``pytest --collect-only`` of the cited files (collected, not run).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch  # before keras/TensorFlow: see tests/test_import_order.py
+from session_ids import collected_ids, collects_whole, covers
 from torch import nn
 
 from shared.tolerances import SAME_FRAMEWORK_ATOL
@@ -123,12 +126,15 @@ def _all_citations(tables: list[Table]) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="session")
 def collected(request) -> set[str]:
-    """Node ids of every test file the guide cites plus CLAIM_FILES, from one collect-only run."""
+    """Node ids of every test file the guide cites plus CLAIM_FILES: this session's own when it
+    collected all of tests/, else from one collect-only run of those files."""
     citations = _all_citations(parse_tables(DOC.read_text(encoding="utf-8")))
     files = sorted({node.split("::")[0] for _, node in citations} | set(CLAIM_FILES))
     existing = [f for f in files if (REPO / f).is_file()]
     if not existing:
         return set()
+    if collects_whole(request.config, REPO / "tests"):
+        return {node for node in collected_ids(request.config) if node.split("::")[0] in existing}
     result = subprocess.run(
         [
             sys.executable,
@@ -151,6 +157,28 @@ def collected(request) -> set[str]:
         f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
     )
     return {line.strip() for line in result.stdout.splitlines() if "::" in line}
+
+
+# --- where the node ids come from ---------------------------------------------------------
+
+
+def test_session_ids_only_when_the_whole_tests_dir_is_collected(tmp_path):
+    tests = tmp_path / "tests"
+    (tests / "examples").mkdir(parents=True)
+    (tests / "test_a.py").write_text("")
+    assert covers(["tests"], tmp_path, tests)  # testpaths, or `pytest tests`
+    assert covers(["."], tests, tests) and covers([str(tmp_path)], tests, tests)
+    assert covers(["tests/test_a.py", "tests/"], tmp_path, tests)  # a file more adds nothing
+    assert not covers(["tests/test_a.py"], tmp_path, tests)
+    assert not covers(["tests::test_x", "tests/test_a.py::test_x"], tmp_path, tests)
+    assert not covers(["tests/examples"], tmp_path, tests)
+    assert not covers(["tests/missing"], tmp_path, tests)
+
+
+def test_session_ids_are_collect_only_node_ids(request):
+    """This session records ids as ``pytest --collect-only -q`` prints them from the repo."""
+    this = "tests/test_porting_doc.py::test_session_ids_are_collect_only_node_ids"
+    assert request.node.nodeid == this and this in collected_ids(request.config)
 
 
 # --- the parser itself ---------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The pytest plugin: loaded by entry point without importing a framework; its fixtures work.
 
 ``tests/examples/user_suite_example.py`` is a user's suite (the README example):
-it is run with pytester in a subprocess, and its two frozen tests must pass and
-its two naive-torch tests must fail, each with the plugin's own message.
+it is run with pytester in this process (the frameworks are imported already,
+torch first), and its two frozen tests must pass and its two naive-torch tests
+must fail, each with the plugin's own message. Loading the plugin without a
+framework needs a fresh interpreter: that one test runs a subprocess.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def test_assert_train_eval_match_rejects_non_model():
 def test_plugin_user_suite_frozen_passes_naive_fails(pytester):
     pytester.makeconftest("import torch_impl  # noqa: F401  (torch before TensorFlow)\n")
     pytester.makepyfile(test_user_suite=EXAMPLE.read_text())
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=300)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines([
         ("E * shared.audit.FrozenTensorChanged: freeze_guard [[]torch]: *base.1.running_mean "

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import pytest
+from cli_inprocess import cli
 
-from shared import data
+from shared import data, shipped
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.pretrain import MIN_SOURCE_ACCURACY, PretrainConfig
 from shared.shipped import SHIPPED_DIR, recipe_path, shipped_checkpoint
@@ -82,17 +81,12 @@ def test_shipped_checkpoint_missing_recipe_is_refused(tmp_path):
         shipped_checkpoint("tinyconv", directory=tmp_path)
 
 
-def test_cli_altered_shipped_checkpoint_exit_2_one_line(tmp_path):
+def test_cli_altered_shipped_checkpoint_exit_2_one_line(tmp_path, monkeypatch):
+    """Through shared.cli.main (tests/cli_inprocess.py), the package's files replaced by the copy."""
     path = _altered_copy(tmp_path)
-    script = ("import sys, pathlib\n"
-              "import shared.shipped as shipped\n"
-              f"shipped.SHIPPED_DIR = pathlib.Path({str(tmp_path)!r})\n"
-              "from shared.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
     out = tmp_path / "reports"
-    proc = subprocess.run([sys.executable, "-c", script, "compare", "--steps", "1", "--quiet",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = cli("compare", "--steps", "1", "--quiet", "--out", str(out))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and _recipe()["sha256"] in lines[0], proc.stderr
