@@ -183,8 +183,8 @@ class RunRecord:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+        if not isinstance(data, dict):  # ValueError: the CLI reports it as one line
+            raise ValueError(f"{where}: expected a JSON object")  # noqa: TRY004
         return cls.from_dict(data, where)
 
     @classmethod

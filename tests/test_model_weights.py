@@ -45,7 +45,7 @@ def test_canonical_shapes_identical_in_both_frameworks(pair):
 
 
 def test_weights_roundtrip_torch_to_keras_to_torch_exact(pair):
-    x_tf, x_torch, tensors = pair
+    x_tf, _, tensors = pair
     via_tf = tf_weights.export_weights(x_tf)
     fresh = torch_model.build_model("tinyconv", 5)
     torch_weights.import_weights(fresh, via_tf)
@@ -56,7 +56,7 @@ def test_weights_roundtrip_torch_to_keras_to_torch_exact(pair):
 
 
 def test_weights_roundtrip_keras_to_torch_to_keras_exact(pair):
-    x_tf, x_torch, tensors = pair
+    _, x_torch, tensors = pair
     via_torch = torch_weights.export_weights(x_torch)
     fresh = tf_model.build_model("tinyconv", 5)
     tf_weights.import_weights(fresh, via_torch)

@@ -350,7 +350,7 @@ MATRIX_MOMENTUM = 0.875
 # the code path of `compare --arch resnet18`'s own 8-epoch checkpoint, for a quarter of its
 # CPU time (about 18 s instead of 70 s here), still far from chance on the source domain
 # (asserted below). The parity tolerances are per step and do not depend on the epoch count.
-MATRIX_PRETRAIN = dict(arch="resnet18", framework="torch", epochs=2, decay_epochs=1)
+MATRIX_PRETRAIN = {"arch": "resnet18", "framework": "torch", "epochs": 2, "decay_epochs": 1}
 MATRIX_PRETRAIN_MIN_SOURCE_ACCURACY = 0.5  # chance is 0.1 (10 digits)
 
 

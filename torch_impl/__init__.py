@@ -21,7 +21,7 @@ if _LATE and not {"torch._dynamo", "torchvision"} <= set(sys.modules):
     )
 
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402,F401  (optimizers import it lazily; load it before TF)
+import torch._dynamo  # noqa: E402  (optimizers import it lazily; load it before TF)
 import torchvision  # noqa: E402,F401
 
 # Cross-framework parity is measured in float32: no TF32 on GPUs that have it.
