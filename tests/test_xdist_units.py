@@ -105,16 +105,16 @@ def test_xdist_loadgroup_marks_build_fixtures_on_both_workers_under_pytest_9(pyt
         "so tests/xdist_units.py's scheduler can be retired")
 
 
-def test_collection_order_puts_units_in_unit_order(pytester, monkeypatch):
-    _suite(pytester, pytester.path / "builds.log")
-    pytester.makeconftest("from xdist_units import *  # noqa: F401,F403\n")
-    monkeypatch.syspath_prepend(str(TESTS))
-    # importlib mode: this process may already hold the real test_train etc. as modules
-    recorded = pytester.inline_run("--collect-only", "-p", "no:cacheprovider",
-                                   "--import-mode=importlib")
-    items = recorded.getcall("pytest_collection_finish").session.items  # after modifyitems
-    units = [unit_of(item.nodeid) for item in items]
-    assert len(units) == 5 * len(FILES)
-    first_other = next(i for i, unit in enumerate(units) if unit != "test_train.py")
-    assert set(units[:first_other]) == {"test_train.py"}
-    assert "test_train.py" not in units[first_other:], units
+def test_collection_order_puts_units_in_unit_order_stable_within_a_file():
+    from types import SimpleNamespace
+
+    from xdist_units import pytest_collection_modifyitems
+
+    ids = ["tests/test_alpha.py::a", "tests/test_readme_numbers.py::r1", "tests/test_bench.py::b",
+           "tests/test_train.py::t1", "tests/test_alpha.py::a2", "tests/test_readme_numbers.py::r2",
+           "tests/test_train.py::t2"]
+    items = [SimpleNamespace(nodeid=i) for i in ids]
+    pytest_collection_modifyitems(None, items)
+    # written out by hand: test_train's unit (with test_readme_numbers) first, then
+    # test_bench (UNIT_ORDER), then the rest; inside a unit the collection's order
+    assert [item.nodeid.split("::")[1] for item in items] == ["r1", "t1", "r2", "t2", "b", "a", "a2"]
