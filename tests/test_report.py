@@ -7,6 +7,7 @@ exercised in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -113,6 +114,21 @@ def test_report_parity_failure_named():
     assert report.rows[0]["verdict"] == "FAIL: parity"
     assert not report.ok
     assert any(f.startswith("frozen: train_loss tf vs torch differ") for f in report.failures)
+
+
+def test_report_parity_failure_in_eval_losses_only_named():
+    """Records whose training-mode losses agree but whose inference-mode losses differ at
+    one step fail parity on eval_loss (compare must read the eval losses themselves)."""
+    tf_record, torch_record = _pair("bn_adapt")
+    assert _report([(tf_record, torch_record)]).rows[0]["verdict"] == "ok"  # must match
+    steps = [StepRecord(s.step, s.train_loss, s.eval_loss + (OFFSET if s.step == 2 else 0.0))
+             for s in torch_record.steps]
+    shifted = dataclasses.replace(torch_record, steps=steps)
+    report = _report([(tf_record, shifted)])
+    assert report.rows[0]["verdict"] == "FAIL: parity"  # must differ
+    assert len(report.failures) == 1
+    assert report.failures[0].startswith(
+        f"bn_adapt: eval_loss tf vs torch differ by {OFFSET:.3g} at index 2")
 
 
 def test_report_expectation_failure_named():
