@@ -200,6 +200,71 @@ def test_run_config_rejects_bad_values():
     assert RunConfig(optimizer="adam").learning_rate == 0.001
 
 
+# --- the project's optimizers against a separately written Adam ----------------------------------
+
+# Gradients of this size make an epsilon of 1e-8 (torch's default) change every update by ~1%,
+# while the parity epsilon (1e-12) changes it by ~1e-6 of itself.
+TINY_GRADIENT = 1e-6
+ADAM_STEPS = 20
+ADAM_LR = 0.02  # 20 steps move each weight about 0.4: float32 rounding stays near 1e-7
+
+
+def _reference_adam(w0, grads, lr: float, eps: float, keras_form: bool):
+    """float64 Adam (beta1 0.9, beta2 0.999) written out. ``keras_form``: epsilon before the
+    bias correction, whose beta powers Keras takes of float32 betas (at step 1 that alone
+    moves 1 - beta2**t by 1.3e-5 of itself); else torch's form."""
+    p1, p2 = (float(np.float32(b)) for b in (0.9, 0.999)) if keras_form else (0.9, 0.999)
+    w, m, v = w0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        m, v = 0.9 * m + (1 - 0.9) * g, 0.999 * v + (1 - 0.999) * g * g
+        c1, c2 = 1 - p1**t, 1 - p2**t
+        if keras_form:
+            w = w - lr * np.sqrt(c2) / c1 * m / (np.sqrt(v) + eps)
+        else:
+            w = w - lr / c1 * m / (np.sqrt(v) / np.sqrt(c2) + eps)
+    return w
+
+
+def _project_adam(framework: str, config: RunConfig, w0, grads) -> np.ndarray:
+    """``w0`` after ``grads`` through the framework's own ``train.make_optimizer(config)``."""
+    if framework == "torch":
+        import torch
+
+        from torch_impl.train import make_optimizer
+        param = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+        optimizer = make_optimizer(config, [param])
+        for g in grads:
+            param.grad = torch.from_numpy(g)
+            optimizer.step()
+        return param.detach().numpy().astype(np.float64)
+    from tf_impl import keras
+    from tf_impl.train import make_optimizer
+    variable = keras.Variable(w0)
+    optimizer = make_optimizer(config)
+    for g in grads:
+        optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), variable)])
+    return keras.ops.convert_to_numpy(variable).astype(np.float64)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_cross_make_optimizer_adam_uses_parity_epsilon_matches_reference(framework):
+    """Each framework's run optimizer for ``optimizer="adam"`` is Adam with the parity epsilon
+    (1e-12, written here by hand) in that framework's placement, not a framework default."""
+    config = RunConfig(optimizer="adam", learning_rate=ADAM_LR)
+    rng = np.random.default_rng(0)
+    w0 = (0.1 * rng.standard_normal(16)).astype(np.float32)
+    grads = [((1 + 0.5 * rng.standard_normal(16)) * TINY_GRADIENT).astype(np.float32)
+             for _ in range(ADAM_STEPS)]
+    keras_form = framework == "tf"
+    got = _project_adam(framework, config, w0, grads)
+    parity = _reference_adam(w0, grads, ADAM_LR, 1e-12, keras_form)
+    torch_default = _reference_adam(w0, grads, ADAM_LR, 1e-8, keras_form)
+    assert np.abs(got - parity).max() <= tolerances.OPTIMIZER_STEP_ATOL  # must match
+    assert np.abs(got - torch_default).max() > tolerances.TRAP_MIN_GAP  # must differ
+    assert np.abs(got - w0).max() > tolerances.TRAP_MIN_GAP  # the steps moved the weights
+
+
 # --- the feature cache itself, head dropout, held-out-only differences -------------------------
 
 CACHE_IMAGES = 300  # more than one of the cache's 256-image chunks
