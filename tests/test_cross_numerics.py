@@ -301,6 +301,41 @@ def test_cross_resnet50_bn_epsilon_differs(resnets, record_property):
     )
 
 
+# A channel whose running variance is 0 (a dead ReLU channel) divides by sqrt(eps): there an
+# epsilon of 1.001e-5 against 1e-5 moves each output by 0.158 x its input's distance from the
+# mean. Inputs this far from the mean make that 3.2e-5: small, but 3x FORWARD_ATOL.
+DEAD_CHANNEL_SPREAD = 2e-4
+
+
+def _dead_channel_bn_keras(x: np.ndarray, eps: float) -> np.ndarray:
+    layer = keras.layers.BatchNormalization(epsilon=eps)
+    layer.build((None, BN_FEATURES))
+    layer.moving_variance.assign(np.zeros(BN_FEATURES, np.float32))
+    return _np(layer(x, training=False))
+
+
+def test_cross_resnet50_bn_epsilon_visible_on_a_dead_channel(record_property):
+    """Keras ResNet50's epsilon (1.001e-5) against torch's 1e-5, inference mode, running
+    variance 0, running mean 0: the outputs differ by spread x (1/sqrt(1e-5) - 1/sqrt(1.001e-5))
+    (written out here), which the forward tolerance must see; the copied epsilon agrees."""
+    x = (np.linspace(-1.0, 1.0, BN_BATCH)[:, None] * np.ones(BN_FEATURES)
+         * DEAD_CHANNEL_SPREAD).astype(np.float32)
+    bn_torch = nn.BatchNorm1d(BN_FEATURES, eps=1e-5).eval()
+    bn_torch.running_var.zero_()
+    y_torch = _np(bn_torch(torch.from_numpy(x)))
+    y_keras_default = _dead_channel_bn_keras(x, 1.001e-5)
+    y_keras_copied = _dead_channel_bn_keras(x, 1e-5)
+    expected = DEAD_CHANNEL_SPREAD * (1 / math.sqrt(1e-5) - 1 / math.sqrt(1.001e-5))
+    gap = _max_abs(y_keras_default, y_torch)
+    record_property("measured", f"epsilon 1.001e-5 vs 1e-5: {gap:.3g} (by hand {expected:.3g}); "
+                                f"copied: {_max_abs(y_keras_copied, y_torch):.3g}")
+    assert abs(gap - expected) <= SAME_FRAMEWORK_ATOL, (gap, expected)
+    assert not np.allclose(y_keras_default, y_torch, atol=FORWARD_ATOL, rtol=FORWARD_RTOL), (
+        f"{_row('ResNet50 BN epsilon')}: a {gap:.3g} difference passed FORWARD_ATOL")
+    assert np.allclose(y_keras_copied, y_torch, atol=FORWARD_ATOL, rtol=FORWARD_RTOL), (
+        f"{_row('ResNet50 BN epsilon')}: copied epsilon still differs")
+
+
 # --- optimizers: the same gradients fed to both sides -----------------------------------
 
 STEPS = 5
