@@ -97,12 +97,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        from rich.console import Console
-
-        console = Console(width=max(Console().width, 120))
-        console.print(report.render())
-        for note in report.notes:
-            print(f"note: {note}")
-        for line in report.hazard_lines():
-            print(line)
+        print_report(report.render(), report.notes, report.hazard_lines(), min_width=120)
     return 1 if report.hazards else 0
+
+
+def print_report(table, notes, lines, min_width: int) -> None:
+    """A report as audit and port print it: the rich table, ``note:`` lines, one line each."""
+    from rich.console import Console
+
+    Console(width=max(Console().width, min_width)).print(table)
+    for note in notes:
+        print(f"note: {note}")
+    for line in lines:
+        print(line)

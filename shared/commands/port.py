@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.commands.audit import load_target
+from shared.commands.audit import load_target, print_report
 from shared.errors import UsageError
 
 __all__ = ["add_parser", "parse_input_shape", "parse_name_map", "run"]
@@ -101,14 +101,7 @@ def run(args: argparse.Namespace) -> int:
                         name_map=name_map, keras_optimizer=keras_optimizer,
                         torch_optimizer=torch_optimizer,
                         names=(args.keras_target, args.torch_target))
-    from rich.console import Console
-
-    console = Console(width=max(Console().width, 140))
-    console.print(report.render())
-    for note in report.notes:
-        print(f"note: {note}")
-    for line in report.finding_lines():
-        print(line)
+    print_report(report.render(), report.notes, report.finding_lines(), min_width=140)
     if args.json is not None:
         from shared.io import atomic_write_json
 
