@@ -11,7 +11,6 @@ below the table), 2 for bad usage or input, checked before anything runs.
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from shared import frameworks
@@ -19,7 +18,7 @@ from shared.archs import ARCHS
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.errors import UsageError
 from shared.io import ensure_writable_dir
-from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint
+from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint, stack_versions
 from shared.record import OPTIMIZERS, RunConfig
 from shared.shipped import default_checkpoint, uses_cache
 from shared.strategies import STRATEGIES
@@ -96,16 +95,12 @@ def _check_checkpoint(config: RunConfig) -> None:
 
 
 def _versions() -> dict[str, str]:
-    found = {}
-    for name, dists in (("torch", ("torch",)), ("tensorflow", ("tensorflow-cpu", "tensorflow")),
-                        ("keras", ("keras",))):
-        for dist in dists:
-            try:
-                found[name] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
+    """The report's framework versions: torch, tensorflow (the -cpu wheel first), keras."""
+    stack = stack_versions()
+    found = {"torch": stack.get("torch"),
+             "tensorflow": stack.get("tensorflow-cpu") or stack.get("tensorflow"),
+             "keras": stack.get("keras")}
+    return {name: version for name, version in found.items() if version}
 
 
 def _progress(quiet: bool):
