@@ -34,8 +34,11 @@ import safetensors.numpy as st_numpy
 
 __all__ = [
     "BN_MOMENTUM_CONVENTION",
+    "FLOAT32",
+    "FLOAT32_OR_64",
     "FORMAT_VERSION",
     "CheckpointError",
+    "check_holdable",
     "check_tensors",
     "load_checkpoint",
     "save_checkpoint",
@@ -48,6 +51,10 @@ REQUIRED_META = ("format_version", "arch")
 _HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 header length, then a JSON header
 _RESERVED_KEY = "__metadata__"  # the header entry holding the string metadata
 _MAX_LISTED = 5  # missing/unexpected keys named in one message before "and N more"
+# dtypes a tensor may have: float32 (the canonical form), or float32/float64 where told
+# (training states of float64 runs, and float64 models: shared/training_state.py)
+FLOAT32 = (np.dtype(np.float32),)
+FLOAT32_OR_64 = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class CheckpointError(ValueError):
@@ -71,14 +78,15 @@ def _list_keys(keys: list[str]) -> str:
 # --------------------------------------------------------------------------- #
 # validation
 # --------------------------------------------------------------------------- #
-def _check_tensor(key: str, value, where: str) -> None:
-    """One tensor: numpy, float32, finite."""
+def _check_tensor(key: str, value, where: str, dtypes=FLOAT32) -> None:
+    """One tensor: numpy, one of ``dtypes`` (float32 unless told), finite."""
     if not isinstance(value, np.ndarray):
         raise CheckpointError(
             f"{where}: key {key!r}: expected a numpy array, got {type(value).__name__}"
         )
-    if value.dtype != np.float32:
-        raise CheckpointError(f"{where}: key {key!r}: dtype expected float32, got {value.dtype}")
+    if value.dtype not in dtypes:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        raise CheckpointError(f"{where}: key {key!r}: dtype expected {names}, got {value.dtype}")
     finite = np.isfinite(value)
     if not finite.all():
         bad = np.argwhere(~finite)
@@ -101,12 +109,13 @@ def _check_keys(tensors, where: str) -> None:
             raise CheckpointError(f"{where}: key {key!r}: reserved by safetensors")
 
 
-def check_tensors(tensors, expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+def check_tensors(tensors, expected: Mapping[str, tuple[int, ...]], where: str,
+                  dtypes=FLOAT32) -> None:
     """Strictly check ``tensors`` against ``expected`` (key -> shape).
 
     Same key set (missing keys first, then unexpected ones), then per key in
-    sorted order: a float32 numpy array of exactly the expected shape with
-    only finite values. Raises :class:`CheckpointError` on the first problem,
+    sorted order: a float32 (or one of ``dtypes``) numpy array of exactly the
+    expected shape with only finite values. Raises :class:`CheckpointError` on the first problem,
     e.g. ``"<where>: key 'head.weight': shape expected (5, 64), got (10, 64)"``.
     """
     _check_keys(tensors, where)
@@ -123,7 +132,22 @@ def check_tensors(tensors, expected: Mapping[str, tuple[int, ...]], where: str) 
             raise CheckpointError(
                 f"{where}: key {key!r}: shape expected {want}, got {tuple(value.shape)}"
             )
-        _check_tensor(key, value, where)
+        _check_tensor(key, value, where, dtypes)
+
+
+def check_holdable(tensors: Mapping[str, np.ndarray], model_dtype, where: str) -> None:
+    """float64 tensors into a float32 model only when float32 holds them exactly.
+
+    A training state exported in float64 from a float32 run (exact) loads anywhere;
+    values a float32 model would round are refused naming the first key.
+    """
+    if np.dtype(model_dtype) != np.float32:
+        return
+    for key in sorted(tensors):
+        value = tensors[key]
+        if value.dtype == np.float64 and not np.array_equal(value.astype(np.float32), value):
+            raise CheckpointError(f"{where}: key {key!r}: float64 values that a float32 model "
+                                  f"cannot hold exactly")
 
 
 def _check_meta(meta, where: str) -> dict[str, str]:
@@ -143,7 +167,8 @@ def _check_meta(meta, where: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 # save
 # --------------------------------------------------------------------------- #
-def save_checkpoint(path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> Path:
+def save_checkpoint(path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], *,
+                    dtypes=FLOAT32) -> Path:
     """Validate, then atomically write ``tensors`` and ``meta`` to ``path``; return the Path.
 
     ``tensors``: non-empty, non-empty string keys, finite float32 numpy
@@ -155,7 +180,7 @@ def save_checkpoint(path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, 
     where = _where(path)
     _check_keys(tensors, where)
     for key, value in tensors.items():
-        _check_tensor(key, value, where)
+        _check_tensor(key, value, where, dtypes)
     meta = _check_meta(meta, where)
     if meta.setdefault("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise CheckpointError(
@@ -223,7 +248,7 @@ def _fsync_directory(directory: Path) -> None:
 # load
 # --------------------------------------------------------------------------- #
 def load_checkpoint(
-    path, *, expected: Mapping[str, tuple[int, ...]] | None = None
+    path, *, expected: Mapping[str, tuple[int, ...]] | None = None, dtypes=FLOAT32
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read ``path``; return ``(tensors, meta)`` after checking everything.
 
@@ -259,11 +284,11 @@ def load_checkpoint(
             f"got {meta['format_version']!r}"
         )
     if expected is not None:
-        check_tensors(tensors, expected, where)
+        check_tensors(tensors, expected, where, dtypes)
     else:
         _check_keys(tensors, where)
         for key in sorted(tensors):
-            _check_tensor(key, tensors[key], where)
+            _check_tensor(key, tensors[key], where, dtypes)
     return {key: np.array(value) for key, value in tensors.items()}, meta
 
 

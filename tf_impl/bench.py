@@ -18,6 +18,7 @@ wait for.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections.abc import Callable
 
@@ -135,15 +136,10 @@ def record_probe(prepared: Prepared, strategy: str) -> Callable[[int], None]:
     Traced once here, so calls time the steady state.
     """
     _check(strategy)
-    model = _project_model(prepared, strategy)
-    images = _images(prepared)
-    if strategy == "feature_extraction":
-        inputs, trainee = _features(model.base, images), train.HeadModel(model.head)
-    else:
-        inputs, trainee = images, model
-    recorder = train.StepRecorder(inputs, prepared.train.labels, prepared.indices,
-                                  heldout_eval=None, points=set())
-    recorder.set_model(trainee)
+    stepper = train.Stepper(dataclasses.replace(prepared.config, strategy=strategy),
+                            prepared=prepared)
+    recorder = train.StepRecorder(stepper, points=set())
+    recorder.set_model(stepper.trainee)
 
     def probe(steps: int) -> None:
         for batch in range(steps):

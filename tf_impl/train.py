@@ -23,6 +23,7 @@ from shared.finetune import eval_points, finish, prepare
 from shared.init import canonical_init
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.strategies import get_strategy
+from shared.training_state import TrainingState
 from tf_impl.freeze import apply_strategy
 from tf_impl.model import (
     LegacyBatchNormalization,
@@ -30,10 +31,17 @@ from tf_impl.model import (
     build_model,
     default_norm_layer,
 )
-from tf_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
+from tf_impl.weights import (
+    canonical_shapes,
+    export_bookkeeping,
+    export_training_state,
+    export_weights,
+    import_training_state,
+    import_weights,
+)
 
-__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "run_threads", "RUN_THREADS",
-           "BatchLoss", "StepRecorder", "HeadModel"]
+__all__ = ["make_optimizer", "evaluate", "pretrain", "Stepper", "run", "run_threads",
+           "RUN_THREADS", "BatchLoss", "StepRecorder", "HeadModel"]
 
 # TensorFlow's thread pools are fixed when it initialises: runs use whatever the process
 # has (its default, or bench's --threads through tf_impl.bench.set_threads).
@@ -139,38 +147,44 @@ def _mean_loss(y: np.ndarray, logits) -> tuple[float, float]:
     return float(ops.mean(loss)), float(accuracy)
 
 
-def evaluate(model, split: data.Split, batch_size: int = 256, infer=None,
-             dtype: str | None = None) -> tuple[float, float]:
-    """Inference-mode mean loss and accuracy on ``split``."""
+def evaluate(model, split: data.Split | None, batch_size: int = 256, infer=None,
+             dtype: str | None = None, images=None, labels=None) -> tuple[float, float]:
+    """Inference-mode mean loss and accuracy on ``split`` (or on ``images``, ``labels``:
+    the model's own inputs, e.g. cached features)."""
     infer = infer or _inference(model)
-    images = split.images.astype(dtype or "float32")
+    if split is not None:
+        images, labels = split.images.astype(dtype or "float32"), split.labels
     logits = ops.concatenate([infer(images[i:i + batch_size])
-                              for i in range(0, len(split), batch_size)], axis=0)
-    return _mean_loss(split.labels, logits)
+                              for i in range(0, len(images), batch_size)], axis=0)
+    return _mean_loss(labels, logits)
 
 
 class StepRecorder(keras.callbacks.Callback):
-    """Per-step eval loss (pre-update weights), train loss (BatchLoss) and held-out points."""
+    """Per-step eval loss (pre-update weights), train loss (BatchLoss) and held-out points.
 
-    def __init__(self, inputs, labels, indices, heldout_eval, points):
+    ``observer`` (``shared.lockstep``) is told about every step, as in ``torch_impl.train.run``.
+    """
+
+    def __init__(self, stepper, points, observer=None):
         super().__init__()
-        self.inputs, self.labels, self.indices = inputs, labels, indices
-        self.heldout_eval, self.points = heldout_eval, points
+        self.stepper, self.points, self.observer = stepper, points, observer
         self.steps: list[StepRecord] = []
         self.heldout: list[HeldOut] = []
         self._eval_loss = None
-        self._loss = None
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._loss is None:
-            self._loss = _inference_loss(self.model)
         if batch in self.points:
-            self.heldout.append(HeldOut(batch, *self.heldout_eval()))
-        idx = self.indices[batch]
-        self._eval_loss = self._loss(self.inputs[idx], self.labels[idx])
+            self.heldout.append(HeldOut(batch, *self.stepper.heldout()))
+        idx = self.stepper.prepared.indices[batch]
+        self._eval_loss = self.stepper.eval_loss(idx)
+        if self.observer is not None:
+            self.observer.before_step(batch, idx, self.stepper)
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps.append(StepRecord(batch, float(logs["batch_loss"]), float(self._eval_loss)))
+        if self.observer is not None:
+            self.observer.after_step(batch, self.stepper.prepared.indices[batch], self.stepper,
+                                     self.steps[-1])
 
 
 def pretrain(config) -> tuple[dict[str, np.ndarray], dict]:
@@ -219,55 +233,99 @@ def _state(model) -> dict[str, np.ndarray]:
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
-def run(config: RunConfig, replica=None) -> RunRecord:
+class Stepper:
+    """A fine-tuning run one optimizer step at a time, from a state that can be read and set.
+
+    Builds, freezes and compiles the model as ``run`` does; :meth:`step` takes one
+    ``train_on_batch`` (the same ``train_step`` that ``fit`` runs). The lockstep
+    comparison (``shared.lockstep``) moves a :class:`~shared.training_state.TrainingState`
+    in with :meth:`load` and reads the result with :meth:`state`. Mirrors
+    ``torch_impl.train.Stepper``.
+    """
+
+    def __init__(self, config: RunConfig, replica=None, prepared=None):
+        self.config = config
+        self.replica = replica or _OneProcess()
+        with self.replica.scope():
+            self._build(prepared)
+
+    def _build(self, prepared) -> None:
+        config = self.config
+        keras.utils.set_random_seed(config.seed)
+        self.prepared = prepared or prepare(config)
+        self.strategy = get_strategy(config.strategy)
+        self.model = build_model(config.arch, self.prepared.num_classes,
+                                 head_dropout=config.head_dropout,
+                                 norm_layer=norm_layer_for(config.arch, self.strategy.name,
+                                                           config.reconcile_bn_variance,
+                                                           self.replica.synchronized_bn),
+                                 dtype=config.dtype)
+        self.replica.attach(self.model)
+        import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
+        apply_strategy(self.model, self.strategy)
+        images = self.prepared.train.images.astype(config.dtype)
+        if self.strategy.cached_features:
+            # Split the model: the base runs once, in inference mode, over the training and
+            # held-out splits; from then on only the head runs.
+            self.inputs = _features(self.model, images)
+            self._held_inputs = _features(self.model,
+                                          self.prepared.heldout.images.astype(config.dtype))
+            self.trainee = HeadModel(self.model.head)
+        else:
+            self.inputs, self.trainee = images, self.model
+            self._held_inputs = self.prepared.heldout.images.astype(config.dtype)
+        self._infer = _inference(self.trainee)
+        self._loss = _inference_loss(self.trainee)
+        self.trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),
+                             metrics=[BatchLoss(dtype=config.dtype)])
+
+    def eval_loss(self, idx: np.ndarray) -> float:
+        """Inference-mode loss of the samples ``idx`` at the current weights."""
+        return float(self._loss(self.inputs[idx], self.prepared.train.labels[idx]))
+
+    def step(self, idx: np.ndarray) -> tuple[float, float]:
+        """One update on the samples ``idx``: (training-mode loss, inference-mode loss at the
+        pre-update weights)."""
+        eval_loss = self.eval_loss(idx)
+        logs = self.trainee.train_on_batch(self.inputs[idx], self.prepared.train.labels[idx],
+                                           return_dict=True)
+        return float(logs["batch_loss"]), eval_loss
+
+    def heldout(self) -> tuple[float, float]:
+        """Inference-mode loss and accuracy on the held-out target split."""
+        return evaluate(self.trainee, None, infer=self._infer, images=self._held_inputs,
+                        labels=self.prepared.heldout.labels)
+
+    def state(self, dtype=np.float64) -> TrainingState:
+        """Model tensors and optimizer slots now (float64: exact for any run)."""
+        return export_training_state(self.model, self.trainee.optimizer, dtype)
+
+    def load(self, state: TrainingState, where: str = "training state") -> None:
+        """Continue from ``state`` (model tensors, optimizer slots and step count)."""
+        import_training_state(self.model, self.trainee.optimizer, state, where)
+
+
+def run(config: RunConfig, replica=None, observer=None) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record.
 
     ``replica`` (``tf_impl.distributed.Replica``) runs it under a MirroredStrategy:
     model, optimizer and ``fit`` in the strategy's scope; ``fit`` splits each global
-    batch over the replicas; the record reads replica 0's variables.
+    batch over the replicas; the record reads replica 0's variables. ``observer``
+    (``shared.lockstep``) is told about every step: ``before_step(step, idx, stepper)``
+    and ``after_step(step, idx, stepper, record)``.
     """
-    replica = replica or _OneProcess()
-    with replica.scope():
-        return _run(config, replica)
+    stepper = Stepper(config, replica)
+    with stepper.replica.scope():
+        return _run(stepper, observer)
 
 
-def _run(config: RunConfig, replica) -> RunRecord:
-    keras.utils.set_random_seed(config.seed)
-    prepared = prepare(config)
-    strategy = get_strategy(config.strategy)
-    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
-                        norm_layer=norm_layer_for(config.arch, strategy.name,
-                                                  config.reconcile_bn_variance,
-                                                  replica.synchronized_bn),
-                        dtype=config.dtype)
-    replica.attach(model)
-    import_weights(model, prepared.initial, prepared.checkpoint)
-    apply_strategy(model, strategy)
-    before = _state(model)
-    images = prepared.train.images.astype(config.dtype)
-    if strategy.cached_features:
-        # Split the model: the base runs once, in inference mode, over the training and
-        # held-out splits; from then on only the head runs.
-        inputs = _features(model, images)
-        held_features = _features(model, prepared.heldout.images.astype(config.dtype))
-        trainee = HeadModel(model.head)
-        head_infer = _inference(trainee)
-
-        def heldout_eval():
-            return _mean_loss(prepared.heldout.labels, head_infer(held_features))
-    else:
-        inputs, trainee = images, model
-        full_infer = _inference(model)
-
-        def heldout_eval():
-            return evaluate(model, prepared.heldout, infer=full_infer, dtype=config.dtype)
-
-    recorder = StepRecorder(inputs, prepared.train.labels, prepared.indices, heldout_eval,
-                            set(eval_points(config)))
-    trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),
-                    metrics=[BatchLoss(dtype=config.dtype)])
+def _run(stepper: Stepper, observer) -> RunRecord:
+    config, prepared = stepper.config, stepper.prepared
+    before = _state(stepper.model)
+    recorder = StepRecorder(stepper, set(eval_points(config)), observer)
     order = np.concatenate(prepared.indices)
-    trainee.fit(inputs[order], prepared.train.labels[order], batch_size=config.batch_size,
-                epochs=1, shuffle=False, verbose=0, callbacks=[*replica.callbacks(), recorder])
-    heldout = recorder.heldout + [HeldOut(config.steps, *heldout_eval())]
-    return finish("tf", config, recorder.steps, heldout, before, _state(model))
+    stepper.trainee.fit(stepper.inputs[order], prepared.train.labels[order],
+                        batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[*stepper.replica.callbacks(), recorder])
+    heldout = recorder.heldout + [HeldOut(config.steps, *stepper.heldout())]
+    return finish("tf", config, recorder.steps, heldout, before, _state(stepper.model))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from shared.checkpoint import check_tensors
+from shared.checkpoint import FLOAT32_OR_64, check_holdable, check_tensors
+from shared.training_state import OPTIMIZER_SLOTS, TrainingState
 from tf_impl.model import named_leaves
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
+           "export_training_state", "import_training_state",
            "to_canonical", "from_canonical", "activation_to_canonical",
            "activation_from_canonical"]
 
@@ -62,18 +64,134 @@ def export_weights(model, dtype=np.float32) -> dict[str, np.ndarray]:
 
 
 def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
-    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness."""
+    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness.
+
+    float32 or float64 arrays; float64 into a float32 model only where exact.
+    """
     variables = _variables(model)
-    check_tensors(tensors, canonical_shapes(model), where)
+    check_tensors(tensors, canonical_shapes(model), where, FLOAT32_OR_64)
+    check_holdable(tensors, next(iter(variables.values()))[0].dtype, where)
     for key, (var, kind) in variables.items():
-        axes = _FROM_CANONICAL[kind]
-        value = tensors[key] if axes is None else np.transpose(tensors[key], axes)
-        var.assign(np.ascontiguousarray(value, dtype=var.dtype))
+        _assign(var, tensors[key], kind)
+
+
+def _assign(var, value: np.ndarray, kind: str) -> None:
+    axes = _FROM_CANONICAL[kind]
+    value = value if axes is None else np.transpose(value, axes)
+    var.assign(np.ascontiguousarray(value, dtype=var.dtype))
 
 
 def export_bookkeeping(model) -> dict[str, np.ndarray]:
     """Framework-only state outside the canonical form: none in Keras (no BN counter)."""
     return {}
+
+
+# --- optimizer state ------------------------------------------------------------------------
+# Keras SGD keeps the velocity v = -lr * b of torch's momentum buffer b
+# (shared/training_state.py); Adam's momentums and velocities are torch's exp_avg and
+# exp_avg_sq. The slot lists, per optimizer, in canonical slot order.
+def _optimizer_kind(optimizer) -> str:
+    if isinstance(optimizer, keras.optimizers.SGD):
+        return "sgd"
+    if isinstance(optimizer, keras.optimizers.Adam | keras.optimizers.AdamW):
+        return "adam"
+    raise TypeError(f"training state: no canonical form for {type(optimizer).__name__} "
+                    f"(expected SGD, Adam or AdamW)")
+
+
+def _slot_variables(optimizer, kind: str) -> list[list]:
+    if kind == "sgd":
+        return [optimizer.momentums] if optimizer.momentum != 0 else []
+    return [optimizer._momentums, optimizer._velocities]
+
+
+def _optimized(model, optimizer) -> list[tuple[str, object, str, int]]:
+    """``(canonical key, variable, layout kind, optimizer index)`` of every updated variable."""
+    out = []
+    for key, (var, layout) in _variables(model).items():
+        try:
+            out.append((key, var, layout, optimizer._get_variable_index(var)))
+        except KeyError:
+            continue  # not one the optimizer updates (frozen, or a BN statistic)
+    if len(out) != len(optimizer._trainable_variables):
+        raise ValueError("training state: the optimizer updates variables that are not "
+                         "weights of the model")
+    return out
+
+
+def _learning_rate(optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def _hyper(optimizer, kind: str) -> dict[str, float]:
+    if kind == "sgd":
+        return {"learning_rate": _learning_rate(optimizer), "momentum": float(optimizer.momentum)}
+    return {"learning_rate": _learning_rate(optimizer), "beta_1": float(optimizer.beta_1),
+            "beta_2": float(optimizer.beta_2), "epsilon": float(optimizer.epsilon)}
+
+
+def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingState:
+    """Model tensors and optimizer slots in canonical form (float64 unless told: exact).
+
+    ``optimizer`` None: ``model.optimizer``. An optimizer not built yet has no slots
+    (step 0), as a torch optimizer before its first step.
+    """
+    optimizer = optimizer if optimizer is not None else model.optimizer
+    kind = _optimizer_kind(optimizer)
+    tensors = export_weights(model, dtype)
+    if not optimizer.built:
+        return TrainingState(tensors, kind, {}, 0, _hyper(optimizer, kind))
+    lists = _slot_variables(optimizer, kind)
+    # SGD: b = v / -lr, one float64 rounding: v -> b -> v is exact for float32 variables
+    divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
+    slots = {name: {} for name in OPTIMIZER_SLOTS[kind][:len(lists)]}
+    for key, _, layout, index in _optimized(model, optimizer):
+        for name, variables in zip(slots, lists):
+            value = np.asarray(keras.ops.convert_to_numpy(variables[index]), np.float64)
+            slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
+                         _hyper(optimizer, kind))
+
+
+def import_training_state(model, optimizer, state: TrainingState,
+                          where: str = "training state") -> None:
+    """Load ``state`` into ``model`` and ``optimizer`` (None: ``model.optimizer``): slots,
+    ``iterations``; exact for its dtype.
+
+    Builds the optimizer on ``model.trainable_variables`` if it is not built yet. A
+    variable the state has no slot for starts from zeros (torch: no buffer yet).
+    """
+    optimizer = optimizer if optimizer is not None else model.optimizer
+    kind = _optimizer_kind(optimizer)
+    if state.optimizer != kind:
+        raise ValueError(f"{where}: holds {state.optimizer} state, the optimizer is {kind}")
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    optimized = _optimized(model, optimizer)
+    stray = sorted(set(state.trainable_keys()) - {key for key, *_ in optimized})
+    if stray:
+        raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
+                         f"(frozen here, trained where the state comes from?)")
+    import_weights(model, state.tensors, where)
+    lists = _slot_variables(optimizer, kind)
+    scale = -_learning_rate(optimizer) if kind == "sgd" else 1.0
+    for key, var, layout, index in optimized:
+        held = [state.slots.get(name, {}).get(key) for name in OPTIMIZER_SLOTS[kind]]
+        if kind == "adam" and state.step > 0 and any(v is None for v in held):
+            raise ValueError(f"{where}: key {key!r}: no adam slots at step {state.step} "
+                             f"(Adam's bias correction needs the moments of every parameter)")
+        for name, variables, value in zip(OPTIMIZER_SLOTS[kind], lists, held):
+            target = variables[index]
+            if value is None:
+                target.assign(np.zeros(target.shape, target.dtype))
+                continue
+            shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
+            if value.shape != shape:
+                raise ValueError(f"{where}: slot {name!r} key {key!r}: shape expected "
+                                 f"{shape}, got {value.shape}")
+            _assign(target, np.asarray(value, np.float64) * scale, layout)
+    optimizer.iterations.assign(state.step)
 
 
 # --- single tensors, for layers outside the project's own trees (``tf_impl/port.py``) ---

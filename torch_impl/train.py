@@ -20,11 +20,20 @@ from shared.finetune import eval_points, finish, prepare
 from shared.init import canonical_init
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.strategies import get_strategy
+from shared.training_state import TrainingState
 from torch_impl.freeze import apply_strategy, trainable_parameters
 from torch_impl.model import build_model
-from torch_impl.weights import canonical_shapes, export_bookkeeping, export_weights, import_weights
+from torch_impl.weights import (
+    canonical_shapes,
+    export_bookkeeping,
+    export_training_state,
+    export_weights,
+    import_training_state,
+    import_weights,
+)
 
-__all__ = ["make_optimizer", "evaluate", "pretrain", "run", "run_threads", "RUN_THREADS"]
+__all__ = ["make_optimizer", "evaluate", "pretrain", "Stepper", "run", "run_threads",
+           "RUN_THREADS"]
 
 _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
 
@@ -153,56 +162,97 @@ def _state(model: nn.Module) -> dict[str, np.ndarray]:
     return {**export_weights(model, np.float64), **export_bookkeeping(model)}
 
 
-@run_threads()
-def run(config: RunConfig, replica=None) -> RunRecord:
+class Stepper:
+    """A fine-tuning run one optimizer step at a time, from a state that can be read and set.
+
+    ``run`` is a loop over :meth:`step`; the lockstep comparison (``shared.lockstep``)
+    moves a :class:`~shared.training_state.TrainingState` in with :meth:`load` before a
+    step and reads the result with :meth:`state`. Mirrors ``tf_impl.train.Stepper``.
+    """
+
+    def __init__(self, config: RunConfig, replica=None, prepared=None):
+        self.config = config
+        self.replica = replica or _OneProcess()
+        self.prepared = prepared or prepare(config)
+        self.strategy = get_strategy(config.strategy)
+        with run_threads():
+            self.model = build_model(config.arch, self.prepared.num_classes,
+                                     head_dropout=config.head_dropout, dtype=config.dtype)
+            import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
+            apply_strategy(self.model, self.strategy)
+            self.optimizer = make_optimizer(config, trainable_parameters(self.model))
+            if self.strategy.cached_features:
+                # Split the model: the base runs once, in inference mode, over the training and
+                # held-out splits; from then on only the head runs.
+                self._features = _features(self.model, self.prepared.train.images, config.dtype)
+                self._held_features = _features(self.model, self.prepared.heldout.images,
+                                                config.dtype)
+                self._forward = self._head = self.model.head
+            else:
+                self._forward = self._head = self.model
+            self._trainee = self.replica.wrap(self._forward, self.model)
+            self.model.train()
+
+    def _inputs(self, idx: np.ndarray) -> torch.Tensor:
+        if self.strategy.cached_features:
+            return self._features[torch.from_numpy(idx)]
+        return _tensor(self.prepared.train.images[idx], self.config.dtype)
+
+    @run_threads()
+    def step(self, idx: np.ndarray) -> tuple[float, float]:
+        """One update on the samples ``idx``: (training-mode loss, inference-mode loss at the
+        pre-update weights), this process's own (a DDP rank's shard)."""
+        x, y = self._inputs(idx), torch.from_numpy(self.prepared.train.labels[idx])
+        self._head.eval()
+        with torch.no_grad():
+            eval_loss = float(_LOSS(self._forward(x), y))
+        self._head.train()
+        loss = _LOSS(self._trainee(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), eval_loss
+
+    @run_threads()
+    def heldout(self) -> tuple[float, float]:
+        """Inference-mode loss and accuracy on the held-out target split."""
+        if self.strategy.cached_features:
+            labels = torch.from_numpy(self.prepared.heldout.labels)
+            return _scores(self.model.head, [(self._held_features, labels)])
+        return evaluate(self.model, self.prepared.heldout)
+
+    def state(self, dtype=np.float64) -> TrainingState:
+        """Model tensors and optimizer slots now (float64: exact for any run)."""
+        return export_training_state(self.model, self.optimizer, dtype)
+
+    def load(self, state: TrainingState, where: str = "training state") -> None:
+        """Continue from ``state`` (model tensors, optimizer slots and step count)."""
+        import_training_state(self.model, self.optimizer, state, where)
+
+
+def run(config: RunConfig, replica=None, observer=None) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record.
 
     ``replica`` (``torch_impl.distributed.Replica``) makes this one DDP rank: it trains
     on its shard of each global batch through the DDP-wrapped model, and the recorded
     losses are the mean over ranks (the global batch's loss when shards are equal).
+    ``observer`` (``shared.lockstep``) is told about every step: ``before_step(step, idx,
+    stepper)`` and ``after_step(step, idx, stepper, record)``.
     """
-    replica = replica or _OneProcess()
-    prepared = prepare(config)
-    strategy = get_strategy(config.strategy)
-    model = build_model(config.arch, prepared.num_classes, head_dropout=config.head_dropout,
-                        dtype=config.dtype)
-    import_weights(model, prepared.initial, prepared.checkpoint)
-    apply_strategy(model, strategy)
-    before = _state(model)
+    stepper = Stepper(config, replica)
+    replica = stepper.replica
+    before = _state(stepper.model)
     points = set(eval_points(config))
     steps, heldout = [], []
-    optimizer = make_optimizer(config, trainable_parameters(model))
-
-    if strategy.cached_features:
-        # Split the model: the base runs once, in inference mode, over the training and
-        # held-out splits; from then on only the head runs.
-        features = _features(model, prepared.train.images, config.dtype)
-        held_features = _features(model, prepared.heldout.images, config.dtype)
-        held_labels = torch.from_numpy(prepared.heldout.labels)
-        forward, head = model.head, model.head
-        inputs = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
-        heldout_eval = lambda: _scores(model.head, [(held_features, held_labels)])  # noqa: E731
-    else:
-        forward, head = model, model
-        inputs = lambda idx: _tensor(prepared.train.images[idx], config.dtype)  # noqa: E731
-        heldout_eval = lambda: evaluate(model, prepared.heldout)  # noqa: E731
-
-    trainee = replica.wrap(forward, model)
-    model.train()
-    for step, idx in enumerate(prepared.indices):
+    for step, idx in enumerate(stepper.prepared.indices):
         replica.on_step(step)
         if step in points:
-            heldout.append(HeldOut(step, *heldout_eval()))
-        idx = replica.shard(idx)
-        x, y = inputs(idx), torch.from_numpy(prepared.train.labels[idx])
-        head.eval()
-        with torch.no_grad():
-            eval_loss = float(_LOSS(forward(x), y))
-        head.train()
-        loss = _LOSS(trainee(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        steps.append(StepRecord(step, replica.mean(float(loss.detach())), replica.mean(eval_loss)))
-    heldout.append(HeldOut(config.steps, *heldout_eval()))
-    return finish("torch", config, steps, heldout, before, _state(model))
+            heldout.append(HeldOut(step, *stepper.heldout()))
+        if observer is not None:
+            observer.before_step(step, idx, stepper)
+        train_loss, eval_loss = stepper.step(replica.shard(idx))
+        steps.append(StepRecord(step, replica.mean(train_loss), replica.mean(eval_loss)))
+        if observer is not None:
+            observer.after_step(step, idx, stepper, steps[-1])
+    heldout.append(HeldOut(config.steps, *stepper.heldout()))
+    return finish("torch", config, steps, heldout, before, _state(stepper.model))
