@@ -21,7 +21,7 @@ from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.shipped import default_checkpoint
 from shared.strategies import bn_prefixes, frozen_keys, get_strategy
 
-__all__ = ["Prepared", "eval_points", "finish", "prepare", "tensor_changes"]
+__all__ = ["Prepared", "eval_points", "finish", "prepare", "tensor_changes", "ulp_perturbed"]
 
 
 @dataclass
@@ -52,7 +52,28 @@ def prepare(config: RunConfig) -> Prepared:
         raise CheckpointError(f"checkpoint {path}: no 'base.' tensors")
     initial = {**base, **head_init(arch_config(config.arch).feature_dim, train.num_classes, config.seed)}
     indices = data.take_batch_indices(len(train), config.batch_size, config.steps, seed=config.seed)
+    if config.rounding_seed is not None:
+        initial = ulp_perturbed(initial, config.rounding_seed)
+        order = np.random.default_rng([config.rounding_seed, 0x0DE2])
+        indices = [order.permutation(idx) for idx in indices]
     return Prepared(config, train, heldout, indices, initial, train.num_classes, str(path))
+
+
+def ulp_perturbed(tensors: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Every element one float32 unit in the last place up or down (direction from ``seed``).
+
+    A start that differs from the original by rounding alone: two runs from such starts
+    differ as far as float32 rounding carries the training, no further.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])  # its own stream, not the batch orders'
+
+    out = {}
+    for key in sorted(tensors):
+        value = np.asarray(tensors[key], np.float32)
+        up = rng.random(value.shape) < 0.5
+        toward = np.where(up, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+        out[key] = np.nextafter(value, toward).astype(np.float32)
+    return out
 
 
 def eval_points(config: RunConfig) -> list[int]:

@@ -63,6 +63,13 @@ class RunConfig:
     # canonical pretrained checkpoint; None = the shipped one (tinyconv) or the cached one
     # (resnet18, pretrained on first use); "cache" = the cache's, pretrained here if absent
     checkpoint: str | None = None
+    # None: the run as it is. A seed: a rerun whose float32 rounding differs from the run's
+    # and nothing else, at the start and at every step: every starting tensor (base, head,
+    # statistics) moves one unit in the last place up or down, and each batch takes its
+    # samples in another order (the mean loss, the gradients and BatchNorm's batch
+    # statistics do not depend on it; their float32 sums do), both drawn from the seed.
+    # The reruns that measure the rounding envelope (shared/envelope.py).
+    rounding_seed: int | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -87,6 +94,13 @@ class RunConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.rounding_seed is not None and (not isinstance(self.rounding_seed, int)
+                                               or self.rounding_seed < 0):
+            raise ValueError(f"rounding_seed must be None or an int >= 0, got "
+                             f"{self.rounding_seed!r}")
+        if self.rounding_seed is not None and self.head_dropout > 0:
+            raise ValueError("rounding_seed needs head_dropout 0: reordering a batch would move "
+                             "dropout's masks between samples, which is not rounding")
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

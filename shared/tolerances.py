@@ -126,3 +126,18 @@ RESNET_FLOAT64_STEP_ATOL = 1e-10
 # accuracy moves in whole images: a loss that moves by BATCH_STATS_STEP or
 # FULL_FLOAT32_STEP can flip images near a decision boundary; 0.02 is 4 of 223.
 README_ACCURACY_ATOL = 0.02
+
+# --- lockstep: one step from the same state (shared/lockstep.py) ----------------------------
+LOCKSTEP_LOSS_ATOL = 1e-5
+LOCKSTEP_LOSS_RTOL = 1e-5
+LOCKSTEP_ULPS = 4.0
+LOCKSTEP_UPDATE_RTOL = 1e-4
+LOCKSTEP_BATCH_STATS_UPDATE_RTOL = 5e-2
+LOCKSTEP_FLOAT64_LOSS_ATOL = 1e-12
+LOCKSTEP_FLOAT64_LOSS_RTOL = 1e-12
+LOCKSTEP_FLOAT64_UPDATE_RTOL = 1e-8
+LOCKSTEP_DEPARTS_RATIO = 3.0
+ENVELOPE_MULTIPLE = 4.0
+ENVELOPE_SEEDS = (1, 2)
+ENVELOPE_MAX_SEEDS = 6
+FLOAT64_RUN_ATOL = 1e-10

@@ -36,8 +36,10 @@ from tf_impl.weights import (
     export_bookkeeping,
     export_training_state,
     export_weights,
-    import_training_state,
     import_weights,
+    training_state_from_values,
+    training_state_values,
+    training_variables,
 )
 
 __all__ = ["make_optimizer", "evaluate", "pretrain", "Stepper", "run", "run_threads",
@@ -278,6 +280,11 @@ class Stepper:
         self._loss = _inference_loss(self.trainee)
         self.trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),
                              metrics=[BatchLoss(dtype=config.dtype)])
+        # lockstep: a loaded state not yet stepped from, the values after a loaded step,
+        # and the traced load-and-step (built on the first load)
+        self._pending: list[np.ndarray] | None = None
+        self._after: list[np.ndarray] | None = None
+        self._loaded_step = None
 
     def eval_loss(self, idx: np.ndarray) -> float:
         """Inference-mode loss of the samples ``idx`` at the current weights."""
@@ -286,9 +293,15 @@ class Stepper:
     def step(self, idx: np.ndarray) -> tuple[float, float]:
         """One update on the samples ``idx``: (training-mode loss, inference-mode loss at the
         pre-update weights)."""
+        x, y = self.inputs[idx], self.prepared.train.labels[idx]
+        if self._pending is not None:
+            values, self._pending = self._pending, None
+            eval_loss, train_loss, after = self._loaded_step(values, x, y)
+            self._after = [np.asarray(v) for v in after]
+            return float(train_loss), float(eval_loss)
+        self._after = None
         eval_loss = self.eval_loss(idx)
-        logs = self.trainee.train_on_batch(self.inputs[idx], self.prepared.train.labels[idx],
-                                           return_dict=True)
+        logs = self.trainee.train_on_batch(x, y, return_dict=True)
         return float(logs["batch_loss"]), eval_loss
 
     def heldout(self) -> tuple[float, float]:
@@ -298,11 +311,43 @@ class Stepper:
 
     def state(self, dtype=np.float64) -> TrainingState:
         """Model tensors and optimizer slots now (float64: exact for any run)."""
+        values = self._pending if self._pending is not None else self._after
+        if values is not None:
+            return training_state_from_values(self.model, self.trainee.optimizer, values, dtype)
         return export_training_state(self.model, self.trainee.optimizer, dtype)
 
     def load(self, state: TrainingState, where: str = "training state") -> None:
-        """Continue from ``state`` (model tensors, optimizer slots and step count)."""
-        import_training_state(self.model, self.trainee.optimizer, state, where)
+        """Continue from ``state`` (model tensors, optimizer slots and step count).
+
+        The next :meth:`step` sets the variables and takes the step in one traced call
+        (Keras's own ``train_step``, as ``fit`` runs it): a lockstep run loads a state
+        before every step, and variable by variable that costs more than the step.
+        """
+        values = training_state_values(self.model, self.trainee.optimizer, state, where)
+        if self._loaded_step is None:
+            self._loaded_step = self._trace_loaded_step()
+        self._pending, self._after = values, None
+
+    def _trace_loaded_step(self):
+        trainee = self.trainee
+        variables = training_variables(self.model, trainee.optimizer)
+        # Keras builds its compiled metrics on the first train_step: not inside a traced
+        # function that then runs again. One step here (every variable is set again by
+        # the first load anyway).
+        first = self.prepared.indices[0]
+        trainee.train_on_batch(self.inputs[first], self.prepared.train.labels[first])
+
+        @tf.function(reduce_retracing=True)
+        def loaded_step(values, x, y):
+            for var, value in zip(variables, values):
+                var.assign(value)
+            logits = trainee(x, training=False)
+            eval_loss = ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+            logs = trainee.train_step((x, y))
+            return eval_loss, logs["batch_loss"], [var.value for var in variables]
+
+        return loaded_step
 
 
 def run(config: RunConfig, replica=None, observer=None) -> RunRecord:

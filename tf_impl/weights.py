@@ -17,7 +17,8 @@ from shared.training_state import OPTIMIZER_SLOTS, TrainingState
 from tf_impl.model import named_leaves
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
-           "export_training_state", "import_training_state",
+           "export_training_state", "import_training_state", "training_variables",
+           "training_state_values", "training_state_from_values",
            "to_canonical", "from_canonical", "activation_to_canonical",
            "activation_from_canonical"]
 
@@ -76,9 +77,7 @@ def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors"
 
 
 def _assign(var, value: np.ndarray, kind: str) -> None:
-    axes = _FROM_CANONICAL[kind]
-    value = value if axes is None else np.transpose(value, axes)
-    var.assign(np.ascontiguousarray(value, dtype=var.dtype))
+    var.assign(_keras_layout(value, kind, var.dtype))
 
 
 def export_bookkeeping(model) -> dict[str, np.ndarray]:
@@ -130,38 +129,25 @@ def _hyper(optimizer, kind: str) -> dict[str, float]:
             "beta_2": float(optimizer.beta_2), "epsilon": float(optimizer.epsilon)}
 
 
-def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingState:
-    """Model tensors and optimizer slots in canonical form (float64 unless told: exact).
+def training_variables(model, optimizer=None) -> list:
+    """Every Keras variable a training state sets, in :func:`training_state_values` order:
+    the model's weights, the optimizer's slot variables, ``iterations``.
 
-    ``optimizer`` None: ``model.optimizer``. An optimizer not built yet has no slots
-    (step 0), as a torch optimizer before its first step.
+    Builds the optimizer (``None``: ``model.optimizer``) on ``model.trainable_variables``
+    if it is not built yet.
     """
     optimizer = optimizer if optimizer is not None else model.optimizer
-    kind = _optimizer_kind(optimizer)
-    tensors = export_weights(model, dtype)
     if not optimizer.built:
-        return TrainingState(tensors, kind, {}, 0, _hyper(optimizer, kind))
-    lists = _slot_variables(optimizer, kind)
-    # SGD: b = v / -lr, one float64 rounding: v -> b -> v is exact for float32 variables
-    divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
-    slots = {name: {} for name in OPTIMIZER_SLOTS[kind][:len(lists)]}
-    for key, _, layout, index in _optimized(model, optimizer):
-        for name, variables in zip(slots, lists):
-            value = np.asarray(keras.ops.convert_to_numpy(variables[index]), np.float64)
-            slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
-    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
-    return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
-                         _hyper(optimizer, kind))
+        optimizer.build(model.trainable_variables)
+    lists = _slot_variables(optimizer, _optimizer_kind(optimizer))
+    slots = [variables[index] for *_, index in _optimized(model, optimizer) for variables in lists]
+    return [var for var, _ in _variables(model).values()] + slots + [optimizer.iterations]
 
 
-def import_training_state(model, optimizer, state: TrainingState,
-                          where: str = "training state") -> None:
-    """Load ``state`` into ``model`` and ``optimizer`` (None: ``model.optimizer``): slots,
-    ``iterations``; exact for its dtype.
-
-    Builds the optimizer on ``model.trainable_variables`` if it is not built yet. A
-    variable the state has no slot for starts from zeros (torch: no buffer yet).
-    """
+def training_state_values(model, optimizer, state: TrainingState,
+                          where: str = "training state") -> list[np.ndarray]:
+    """``state`` as the values of :func:`training_variables`, in Keras layouts and dtypes;
+    checked like :func:`import_training_state`."""
     optimizer = optimizer if optimizer is not None else model.optimizer
     kind = _optimizer_kind(optimizer)
     if state.optimizer != kind:
@@ -173,25 +159,86 @@ def import_training_state(model, optimizer, state: TrainingState,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    import_weights(model, state.tensors, where)
+    variables = _variables(model)
+    check_tensors(state.tensors, canonical_shapes(model), where, FLOAT32_OR_64)
+    check_holdable(state.tensors, next(iter(variables.values()))[0].dtype, where)
+    values = [_keras_layout(state.tensors[key], layout, var.dtype)
+              for key, (var, layout) in variables.items()]
     lists = _slot_variables(optimizer, kind)
+    # SGD: v = -lr * b, one float64 rounding (b came from v / -lr: v exactly again)
     scale = -_learning_rate(optimizer) if kind == "sgd" else 1.0
     for key, var, layout, index in optimized:
         held = [state.slots.get(name, {}).get(key) for name in OPTIMIZER_SLOTS[kind]]
         if kind == "adam" and state.step > 0 and any(v is None for v in held):
             raise ValueError(f"{where}: key {key!r}: no adam slots at step {state.step} "
                              f"(Adam's bias correction needs the moments of every parameter)")
-        for name, variables, value in zip(OPTIMIZER_SLOTS[kind], lists, held):
-            target = variables[index]
-            if value is None:
-                target.assign(np.zeros(target.shape, target.dtype))
+        shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
+        for name, value in zip(OPTIMIZER_SLOTS[kind][:len(lists)], held):
+            if value is None:  # no state yet: Keras's own start, zeros
+                values.append(np.zeros(var.shape, var.dtype))
                 continue
-            shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
             if value.shape != shape:
                 raise ValueError(f"{where}: slot {name!r} key {key!r}: shape expected "
                                  f"{shape}, got {value.shape}")
-            _assign(target, np.asarray(value, np.float64) * scale, layout)
-    optimizer.iterations.assign(state.step)
+            values.append(_keras_layout(np.asarray(value, np.float64) * scale, layout, var.dtype))
+    values.append(np.asarray(state.step, "int64"))
+    return values
+
+
+def training_state_from_values(model, optimizer, values: list[np.ndarray],
+                               dtype=np.float64) -> TrainingState:
+    """Inverse of :func:`training_state_values`: the canonical state these values hold."""
+    optimizer = optimizer if optimizer is not None else model.optimizer
+    kind = _optimizer_kind(optimizer)
+    variables = _variables(model)
+    values = list(values)
+    tensors = {key: _to_canonical(np.asarray(value, dtype), layout)
+               for (key, (_, layout)), value in zip(variables.items(), values)}
+    lists = _slot_variables(optimizer, kind)
+    names = OPTIMIZER_SLOTS[kind][:len(lists)]
+    slots = {name: {} for name in names}
+    # SGD: b = v / -lr, one float64 rounding: v -> b -> v is exact for float32 variables
+    divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
+    rest = iter(values[len(variables):])
+    for key, _, layout, _ in _optimized(model, optimizer):
+        for name in names:
+            value = np.asarray(next(rest), np.float64)
+            slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
+    step = int(next(rest))
+    return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
+                         _hyper(optimizer, kind))
+
+
+def _keras_layout(value: np.ndarray, layout: str, dtype) -> np.ndarray:
+    axes = _FROM_CANONICAL[layout]
+    return np.ascontiguousarray(value if axes is None else np.transpose(value, axes), dtype=dtype)
+
+
+def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingState:
+    """Model tensors and optimizer slots in canonical form (float64 unless told: exact).
+
+    ``optimizer`` None: ``model.optimizer``. An optimizer not built yet has no slots
+    (step 0), as a torch optimizer before its first step.
+    """
+    optimizer = optimizer if optimizer is not None else model.optimizer
+    if not optimizer.built:
+        kind = _optimizer_kind(optimizer)
+        return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind))
+    values = [keras.ops.convert_to_numpy(v) for v in training_variables(model, optimizer)]
+    return training_state_from_values(model, optimizer, values, dtype)
+
+
+def import_training_state(model, optimizer, state: TrainingState,
+                          where: str = "training state") -> None:
+    """Load ``state`` into ``model`` and ``optimizer`` (None: ``model.optimizer``): slots,
+    ``iterations``; exact for its dtype.
+
+    Builds the optimizer on ``model.trainable_variables`` if it is not built yet. A
+    variable the state has no slot for starts from zeros (torch: no buffer yet).
+    """
+    values = training_state_values(model, optimizer, state, where)
+    for var, value in zip(training_variables(model, optimizer), values):
+        var.assign(value)
 
 
 # --- single tensors, for layers outside the project's own trees (``tf_impl/port.py``) ---

@@ -1,0 +1,314 @@
+"""Lockstep: at every step both frameworks start from the same state and take one step.
+
+The free-running comparison of two float32 runs (``shared.compare``) mixes
+what the frameworks compute with how float32 rounding grows over a
+trajectory. Lockstep removes the trajectory: the reference framework (torch,
+its own ``train.run`` loop) trains; before each of its steps its state
+(model tensors, BatchNorm statistics, optimizer slots and step count, as a
+:class:`~shared.training_state.TrainingState`) is loaded into the other
+framework's :class:`Stepper`, which takes the same step on the same batch.
+The two one-step results are compared on
+
+* the training-mode loss and the inference-mode loss (the same weights, the
+  same batch: only one forward pass's rounding separates them);
+* every tensor's change in the step: parameters, BatchNorm statistics and
+  optimizer slots, elementwise, within a bound of a few units in the last
+  place of the tensor's scale plus a fraction of its largest change (the
+  gradient's rounding);
+* which tensors moved at all (exact).
+
+The bounds are those of one forward and backward pass in float32
+(``shared.tolerances.LOCKSTEP_*``), whatever the step number. A check outside
+its bound is decided in float64: both frameworks take the same step again,
+from the same state, in float64. If they agree there (``LOCKSTEP_FLOAT64_*``),
+the float32 difference was rounding, and the record keeps it as a numerics
+event with each framework's own float32-vs-float64 departure, naming the one
+that departs; if they disagree, the frameworks compute different things: a
+semantics failure, named by step, check and tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from shared import frameworks
+from shared import tolerances as tol
+from shared.compare import EXPECTED_TO_DIFFER
+from shared.record import RunConfig, RunRecord
+from shared.strategies import bn_prefixes, get_strategy
+from shared.training_state import TrainingState
+
+__all__ = ["LockstepEvent", "LockstepRecord", "StepBounds", "compare_step", "lockstep",
+           "step_bounds"]
+
+REFERENCE = "torch"   # trains through its own train.run loop
+FOLLOWER = "tf"       # takes each step from the reference's state
+
+
+@dataclass(frozen=True)
+class StepBounds:
+    """The one-step bounds of a comparison (float32, or float64 for the decision)."""
+    name: str
+    loss_atol: float
+    loss_rtol: float
+    ulps: float                  # units in the last place of the tensor's largest |value|
+    update_rtol: float           # of the tensor's largest |change| in the step
+    batch_stats_update_rtol: float  # for tensors whose gradient runs through BN batch statistics
+    eps: float                   # the dtype's machine epsilon (ulp of 1 is 2 * eps)
+
+
+def step_bounds(dtype: str = "float32") -> StepBounds:
+    if dtype == "float64":
+        return StepBounds("LOCKSTEP_FLOAT64", tol.LOCKSTEP_FLOAT64_LOSS_ATOL,
+                          tol.LOCKSTEP_FLOAT64_LOSS_RTOL, tol.LOCKSTEP_ULPS,
+                          tol.LOCKSTEP_FLOAT64_UPDATE_RTOL, tol.LOCKSTEP_FLOAT64_UPDATE_RTOL,
+                          float(np.finfo(np.float64).eps))
+    return StepBounds("LOCKSTEP", tol.LOCKSTEP_LOSS_ATOL, tol.LOCKSTEP_LOSS_RTOL,
+                      tol.LOCKSTEP_ULPS, tol.LOCKSTEP_UPDATE_RTOL,
+                      tol.LOCKSTEP_BATCH_STATS_UPDATE_RTOL, float(np.finfo(np.float32).eps))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quantity of one step compared: how far apart, against which bound."""
+    check: str          # "train_loss", "eval_loss", "tensor", "slot:<name>", "moved"
+    key: str            # canonical key ("" for losses)
+    diff: float         # largest |tf - torch| (of the change, for tensors)
+    bound: float        # the bound at that element
+    ratio: float        # largest diff / bound over the elements (> 1: outside)
+    tf: float           # tf's value (losses) or largest |change| (tensors)
+    torch: float
+
+    @property
+    def outside(self) -> bool:
+        return self.ratio > 1.0
+
+    def describe(self) -> str:
+        what = self.check if not self.key else f"{self.check} {self.key}"
+        if self.check.endswith("loss"):
+            return (f"{what}: tf {self.tf:.7g} vs torch {self.torch:.7g}, {self.diff:.3g} apart "
+                    f"(bound {self.bound:.3g})")
+        if self.check == "moved":
+            return (f"{what}: moved on one side only (largest change: tf {self.tf:.3g}, "
+                    f"torch {self.torch:.3g})")
+        return (f"{what}: change differs by {self.diff:.3g} (bound {self.bound:.3g} there; "
+                f"largest change tf {self.tf:.3g}, torch {self.torch:.3g})")
+
+
+@dataclass
+class LockstepEvent:
+    """A step where a float32 check left its bound, and what float64 said about it."""
+    step: int
+    check: str           # the worst float32 check, described
+    ratio: float         # its diff / bound in float32
+    float64_ratio: float  # the same check in float64, against the float64 bounds
+    semantic: bool       # float64 disagrees too: the frameworks compute different things
+    tf_departure: float  # tf float32 vs tf float64, in units of the float32 bound
+    torch_departure: float
+    departs: str         # "tf", "torch" or "both": whose float32 is farther from its float64
+
+
+@dataclass
+class LockstepRecord:
+    strategy: str
+    arch: str
+    dtype: str
+    steps: int
+    bounds: str
+    expected_to_match: bool
+    # largest one-step |tf - torch| of the losses, and the largest diff/bound of any check
+    max_loss_diff: float = 0.0
+    max_ratio: float = 0.0
+    max_ratio_at: str = ""
+    events: list[LockstepEvent] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def semantic_events(self) -> list[LockstepEvent]:
+        return [e for e in self.events if e.semantic]
+
+    @property
+    def numerics_events(self) -> list[LockstepEvent]:
+        return [e for e in self.events if not e.semantic]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+# --------------------------------------------------------------------------- #
+# one step compared
+# --------------------------------------------------------------------------- #
+def _ulp(scale: float, eps: float) -> float:
+    """One unit in the last place at ``scale`` (at least at the smallest normal)."""
+    return 2.0 * eps * 2.0 ** np.floor(np.log2(max(scale, np.finfo(np.float64).tiny)))
+
+
+def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
+    bound = b.loss_atol + b.loss_rtol * abs(torch)
+    diff = abs(tf - torch)
+    return Check(name, "", diff, bound, diff / bound, tf, torch)
+
+
+def _tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,
+                  rtol: float, b: StepBounds) -> Check:
+    d_tf, d_torch = tf - start, torch - start
+    scale = float(max(np.abs(start).max(initial=0.0), np.abs(torch).max(initial=0.0)))
+    change = float(np.abs(d_torch).max(initial=0.0))
+    bound = b.ulps * _ulp(scale, b.eps) + rtol * change
+    diff = np.abs(d_tf - d_torch)
+    worst = float(diff.max(initial=0.0))
+    return Check(check, key, worst, bound, worst / bound if bound > 0 else (np.inf if worst else 0.0),
+                 float(np.abs(d_tf).max(initial=0.0)), change)
+
+
+def _moved_check(key: str, start, tf, torch, b: StepBounds, rtol: float) -> Check | None:
+    moved_tf, moved_torch = not np.array_equal(tf, start), not np.array_equal(torch, start)
+    if moved_tf == moved_torch:
+        return None
+    c = _tensor_check("moved", key, start, tf, torch, rtol, b)
+    # a change within the bound on the side that moved is rounding of a zero update
+    if max(c.tf, c.torch) <= b.ulps * _ulp(float(np.abs(start).max(initial=0.0)), b.eps):
+        return None
+    return Check("moved", key, c.diff, c.bound, np.inf, c.tf, c.torch)
+
+
+def _batch_statistics_keys(strategy: str, keys) -> set[str]:
+    """Trainable tensors whose gradient runs through BatchNorm on batch statistics.
+
+    BN's training-mode backward subtracts nearly equal terms (the batch mean of the
+    upstream gradient, and its correlation with the normalised input), so float32
+    rounding of those gradients is far above that of one forward pass. Under
+    batch-statistics strategies that is every base tensor (the last block's BN
+    included); the head sits after the last BN.
+    """
+    if get_strategy(strategy).bn_mode != "batch":
+        return set()
+    return {k for k in keys if k.startswith("base.")}
+
+
+def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
+                 after: dict[str, TrainingState], strategy: str, b: StepBounds) -> list[Check]:
+    """Every check of one step: ``losses[fw] = (train, eval)``, ``after[fw]`` the state."""
+    tf, torch = after[FOLLOWER], after[REFERENCE]
+    checks = [_loss_check("train_loss", losses[FOLLOWER][0], losses[REFERENCE][0], b),
+              _loss_check("eval_loss", losses[FOLLOWER][1], losses[REFERENCE][1], b)]
+    batchy = _batch_statistics_keys(strategy, start.tensors)
+    stats = {f"{p}.{s}" for p in bn_prefixes(start.tensors) for s in ("running_mean", "running_var")}
+    for key in sorted(start.tensors):
+        # BN statistics are computed in the forward pass: no backward cancellation
+        rtol = b.batch_stats_update_rtol if key in batchy and key not in stats else b.update_rtol
+        args = (start.tensors[key], tf.tensors[key], torch.tensors[key])
+        moved = _moved_check(key, *args, b, rtol)
+        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b))
+    for name in sorted(set(tf.slots) | set(torch.slots)):
+        for key in sorted(set(tf.slots.get(name, {})) | set(torch.slots.get(name, {}))):
+            values = [s.slots.get(name, {}).get(key) for s in (start, tf, torch)]
+            zero = np.zeros_like(next(v for v in values if v is not None))
+            begin, a, c = (zero if v is None else v for v in values)
+            rtol = b.batch_stats_update_rtol if key in batchy else b.update_rtol
+            checks.append(_tensor_check(f"slot:{name}", key, begin, a, c, rtol, b))
+    return checks
+
+
+def _worst(checks: list[Check]) -> Check:
+    return max(checks, key=lambda c: c.ratio)
+
+
+# --------------------------------------------------------------------------- #
+# the run
+# --------------------------------------------------------------------------- #
+class _Observer:
+    """Told by the reference's ``train.run`` about each step; steps the follower alongside."""
+
+    def __init__(self, config: RunConfig, record: LockstepRecord):
+        self.config, self.record = config, record
+        self.bounds = step_bounds(config.dtype)
+        self.follower = frameworks.load(FOLLOWER, "train").Stepper(config)
+        self._exact: dict[str, object] | None = None  # float64 steppers, built on first need
+        self._next_start: TrainingState | None = None  # the state after the last step
+
+    def before_step(self, step: int, idx: np.ndarray, stepper) -> None:
+        # between steps the reference only evaluates (held-out losses): its state is the one
+        # the last step left
+        self.start = self._next_start if self._next_start is not None else stepper.state()
+        self.follower.load(self.start, f"lockstep step {step}")
+        self.follower_losses = self.follower.step(idx)
+        self.follower_state = self.follower.state()
+
+    def after_step(self, step: int, idx: np.ndarray, stepper, record) -> None:
+        losses = {FOLLOWER: self.follower_losses, REFERENCE: (record.train_loss, record.eval_loss)}
+        after = {FOLLOWER: self.follower_state, REFERENCE: stepper.state()}
+        self._next_start = after[REFERENCE]
+        checks = compare_step(self.start, losses, after, self.config.strategy, self.bounds)
+        rec = self.record
+        rec.max_loss_diff = max(rec.max_loss_diff, *(c.diff for c in checks[:2]))
+        worst = _worst(checks)
+        if worst.ratio > rec.max_ratio:
+            rec.max_ratio, rec.max_ratio_at = worst.ratio, f"step {step}: {worst.describe()}"
+        if worst.outside:
+            rec.events.append(self._decide(step, idx, checks, losses, after))
+
+    def _decide(self, step, idx, checks, losses32, after32) -> LockstepEvent:
+        """Take the step again in float64 in both frameworks and judge there."""
+        worst32 = _worst(checks)
+        if worst32.check == "moved" or self.config.dtype == "float64":
+            return LockstepEvent(step, worst32.describe(), worst32.ratio, worst32.ratio, True,
+                                 0.0, 0.0, "both")
+        if self._exact is None:
+            config = RunConfig(**{**self.config.__dict__, "dtype": "float64"})
+            self._exact = {fw: frameworks.load(fw, "train").Stepper(config)
+                           for fw in (REFERENCE, FOLLOWER)}
+        losses64, after64 = {}, {}
+        for fw, stepper in self._exact.items():
+            stepper.load(self.start, f"lockstep step {step} (float64)")
+            losses64[fw] = stepper.step(idx)
+            after64[fw] = stepper.state()
+        b64 = step_bounds("float64")
+        exact = {c.check + c.key: c for c in
+                 compare_step(self.start, losses64, after64, self.config.strategy, b64)}
+        outside = [c for c in checks if c.outside]
+        semantic = [exact[c.check + c.key] for c in outside if exact[c.check + c.key].outside]
+        decided = _worst(semantic) if semantic else worst32
+        f64 = exact[decided.check + decided.key]
+        departure = {}
+        for fw in (FOLLOWER, REFERENCE):
+            own = compare_step(self.start, {FOLLOWER: losses32[fw], REFERENCE: losses64[fw]},
+                               {FOLLOWER: after32[fw], REFERENCE: after64[fw]},
+                               self.config.strategy, self.bounds)
+            departure[fw] = max(c.ratio for c in own if c.check + c.key == decided.check + decided.key)
+        ratio = departure[FOLLOWER] / max(departure[REFERENCE], 1e-300)
+        departs = "tf" if ratio > tol.LOCKSTEP_DEPARTS_RATIO else (
+            "torch" if ratio < 1 / tol.LOCKSTEP_DEPARTS_RATIO else "both")
+        described = (f"{decided.describe()}; in float64 {f64.diff:.3g} apart "
+                     f"(bound {f64.bound:.3g})") if semantic else worst32.describe()
+        return LockstepEvent(step, described, worst32.ratio, f64.ratio, bool(semantic),
+                             departure[FOLLOWER], departure[REFERENCE], departs)
+
+
+def lockstep(config: RunConfig) -> tuple[RunRecord, LockstepRecord]:
+    """The reference framework's run (its record) and the lockstep record of the same run."""
+    expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
+    record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
+                            step_bounds(config.dtype).name, expected)
+    observer = _Observer(config, record)
+    reference = frameworks.load(REFERENCE, "train").run(config, observer=observer)
+    semantic = record.semantic_events
+    if expected and semantic:
+        first = semantic[0]
+        record.failures.append(
+            f"{config.strategy}: lockstep step {first.step}: {first.check} "
+            f"({len(semantic)} of {config.steps} steps differ in float64 too)")
+    elif not expected and not semantic:
+        record.failures.append(
+            f"{config.strategy}: lockstep: tf and torch were expected to differ (different "
+            f"classic mistakes) but every step agrees within {record.bounds}")
+    return reference, record
+

@@ -1,0 +1,173 @@
+"""The compare matrix: for each strategy, every run its verdict needs, and the verdict.
+
+Per strategy (float32, what users run):
+
+* the lockstep comparison (``shared.lockstep``): torch's ``train.run``, with
+  Keras taking every step from torch's state; it decides the freezing
+  semantics, step by step;
+* Keras's own free run (``model.fit``), judged against torch's within the
+  rounding envelope (``shared.envelope``), measured by torch reruns from
+  one-ulp-perturbed starts (``ENVELOPE_SEEDS``, more up to
+  ``ENVELOPE_MAX_SEEDS`` while the difference is outside);
+* the float64 run from the same start, which says how far each framework's
+  float32 departs from exact arithmetic.
+
+``frozen`` and ``feature_extraction`` train the same head on the same
+inference-mode features (the same maths, one computes the base every step):
+``frozen`` takes its envelope reruns and float64 run from the cached path.
+
+In float64 (``RunConfig.dtype``) the runs are the exactness proof instead:
+lockstep with the float64 bounds, and the two free runs agree within
+``FLOAT64_RUN_ATOL`` over the whole run; there is no envelope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared import frameworks
+from shared import tolerances as tol
+from shared.compare import Tolerance, compare_records, expectation_failures
+from shared.envelope import Envelope, FreeRun, envelope_from, judge_free_run
+from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, lockstep
+from shared.record import RunConfig, RunRecord
+
+__all__ = ["EQUIVALENT", "FLOAT64_RUN", "StrategyResult", "exact_config", "run_matrix",
+           "run_strategy"]
+
+# strategy -> the strategy whose envelope and float64 run it shares (the same maths)
+EQUIVALENT = {"frozen": "feature_extraction"}
+FLOAT64_RUN = Tolerance("FLOAT64_RUN", tol.FLOAT64_RUN_ATOL, 0.0)
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    dtype: str
+    tf: RunRecord
+    torch: RunRecord
+    lockstep: LockstepRecord
+    free: FreeRun
+    envelope: Envelope | None = None
+    exact: RunRecord | None = None   # the float64 run from the same start (torch)
+    expectations: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def expected_to_match(self) -> bool:
+        return self.strategy not in EXPECTED_TO_DIFFER
+
+    @property
+    def failures(self) -> list[str]:
+        return (self.lockstep.failures + self.free.failures + self.expectations.get("tf", [])
+                + self.expectations.get("torch", []))
+
+    @property
+    def findings(self) -> list[str]:
+        """Numerics findings: one framework's float32 departing; never a failure."""
+        out = [self.free.finding] if self.free.finding else []
+        numerics = self.lockstep.numerics_events
+        departing = [e for e in numerics if e.departs != "both"]
+        if departing:
+            by = sorted({e.departs for e in departing})
+            worst = max(departing, key=lambda e: max(e.tf_departure, e.torch_departure))
+            out.append(f"{self.strategy}: lockstep: at {len(departing)} of {self.lockstep.steps} "
+                       f"steps one framework's float32 step left its own float64 step beyond "
+                       f"the one-step bound ({', '.join(by)}); float64 agrees there. Largest: "
+                       f"step {worst.step}, tf {worst.tf_departure:.3g} and torch "
+                       f"{worst.torch_departure:.3g} bounds from float64 ({worst.check})")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def exact_config(config: RunConfig) -> RunConfig:
+    """The float64 run from the same start; held-out losses after the first and last step only
+    (a float64 pass over the held-out split costs about ten float32 ones)."""
+    return dataclasses.replace(config, dtype="float64", eval_every=config.steps)
+
+
+def _run(framework: str, config: RunConfig) -> RunRecord:
+    return frameworks.load(framework, "train").run(config)
+
+
+class _Shared:
+    """Envelope reruns and float64 runs, shared between strategies of the same maths."""
+
+    def __init__(self):
+        self.reruns: dict[tuple[str, int], RunRecord] = {}
+        self.exact: dict[str, RunRecord] = {}
+
+    def rerun(self, config: RunConfig, seed: int | None) -> RunRecord:
+        """torch's run of ``config``'s maths from a start perturbed with ``seed`` (None: not)."""
+        name = EQUIVALENT.get(config.strategy, config.strategy)
+        if (name, seed) not in self.reruns:
+            self.reruns[name, seed] = _run("torch", dataclasses.replace(
+                config, strategy=name, rounding_seed=seed))
+        return self.reruns[name, seed]
+
+    def float64(self, config: RunConfig) -> RunRecord:
+        name = EQUIVALENT.get(config.strategy, config.strategy)
+        if name not in self.exact:
+            self.exact[name] = _run("torch", exact_config(dataclasses.replace(config, strategy=name)))
+        return self.exact[name]
+
+
+def _as_strategy(record: RunRecord, strategy: str) -> RunRecord:
+    return dataclasses.replace(record, strategy=strategy)
+
+
+def run_strategy(config: RunConfig, shared: _Shared | None = None,
+                 seeds: tuple[int, ...] = tol.ENVELOPE_SEEDS,
+                 max_seeds: int = tol.ENVELOPE_MAX_SEEDS,
+                 note: Callable[[str], None] | None = None) -> StrategyResult:
+    """Every run of one strategy and its verdicts."""
+    shared = shared or _Shared()
+    note = note or (lambda what: None)
+    note("lockstep")
+    torch_record, lock = lockstep(config)
+    note("tf run")
+    tf_record = _run("tf", config)
+    expected = config.strategy not in EXPECTED_TO_DIFFER
+    expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
+    if config.dtype == "float64":
+        cmp = compare_records(tf_record, torch_record, FLOAT64_RUN)
+        free = FreeRun(config.strategy, expected, 0.0, cmp.max_diff, "", 0.0, "")
+        if expected and not cmp.ok:
+            free.failures += cmp.failures
+        elif not expected and cmp.ok:
+            free.failures.append(f"{config.strategy}: free run: tf and torch were expected to "
+                                 f"differ but agree within {FLOAT64_RUN.name}")
+        return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
+                              expectations=expectations)
+    note("float64 run")
+    exact = _as_strategy(shared.float64(config), config.strategy) if expected else None
+    reruns = []
+    for seed in seeds:
+        note(f"envelope seed {seed}")
+        reruns.append(_as_strategy(shared.rerun(config, seed), config.strategy))
+    # the spread around the run of the same maths and path as the reruns
+    base = torch_record if config.strategy not in EQUIVALENT else shared.rerun(config, None)
+    env = envelope_from(base, reruns)
+    free = judge_free_run(tf_record, torch_record, env, exact, expected)
+    seed = max(seeds, default=0)
+    while expected and not free.within and len(reruns) < max_seeds:
+        # outside: is it rarer rounding than the first seeds saw? more reruns before judging
+        seed += 1
+        note(f"envelope seed {seed}")
+        reruns.append(_as_strategy(shared.rerun(config, seed), config.strategy))
+        env = envelope_from(base, reruns)
+        free = judge_free_run(tf_record, torch_record, env, exact, expected)
+    return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
+                          env, exact, expectations)
+
+
+def run_matrix(configs: dict[str, RunConfig],
+               note: Callable[[str, str], None] | None = None) -> list[StrategyResult]:
+    """:func:`run_strategy` for each config, in order, sharing envelope and float64 runs."""
+    shared = _Shared()
+    return [run_strategy(config, shared, note=(lambda what, n=name: note(n, what)) if note else None)
+            for name, config in configs.items()]
