@@ -56,18 +56,32 @@ class StepBounds:
     ulps: float                  # units in the last place of the tensor's largest |value|
     update_rtol: float           # of the tensor's largest |change| in the step
     batch_stats_update_rtol: float  # for tensors whose gradient runs through BN batch statistics
+    # a BatchNorm statistic's change, relative to the statistic's largest |value|: the
+    # momentum times the rounding of a mean over the batch (see step_bounds)
+    stats_rtol: float
     eps: float                   # the dtype's machine epsilon (ulp of 1 is 2 * eps)
 
 
-def step_bounds(dtype: str = "float32") -> StepBounds:
+def step_bounds(dtype: str = "float32", config: RunConfig | None = None) -> StepBounds:
+    """The one-step bounds of ``dtype``. A BatchNorm statistic's update ``m * (batch - old)``
+    carries ``m`` times the rounding of a batch mean (or variance) over ``n`` values,
+    ``LOCKSTEP_STATS_SUM_C * sqrt(n) * eps`` of its size; ``n`` is the batch times the
+    input's pixels (``config``'s arch: the largest map any BatchNorm sees)."""
+    from shared.archs import arch_config
+
+    config = config or RunConfig(dtype=dtype)
+    arch = arch_config(config.arch)
+    n = config.batch_size * arch.image_size ** 2
+    eps = float(np.finfo(np.float64 if dtype == "float64" else np.float32).eps)
+    stats = tol.LOCKSTEP_STATS_SUM_C * arch.bn_momentum * np.sqrt(n) * eps
     if dtype == "float64":
         return StepBounds("LOCKSTEP_FLOAT64", tol.LOCKSTEP_FLOAT64_LOSS_ATOL,
                           tol.LOCKSTEP_FLOAT64_LOSS_RTOL, tol.LOCKSTEP_ULPS,
                           tol.LOCKSTEP_FLOAT64_UPDATE_RTOL, tol.LOCKSTEP_FLOAT64_UPDATE_RTOL,
-                          float(np.finfo(np.float64).eps))
+                          stats, eps)
     return StepBounds("LOCKSTEP", tol.LOCKSTEP_LOSS_ATOL, tol.LOCKSTEP_LOSS_RTOL,
                       tol.LOCKSTEP_ULPS, tol.LOCKSTEP_UPDATE_RTOL,
-                      tol.LOCKSTEP_BATCH_STATS_UPDATE_RTOL, float(np.finfo(np.float32).eps))
+                      tol.LOCKSTEP_BATCH_STATS_UPDATE_RTOL, stats, eps)
 
 
 @dataclass(frozen=True)
@@ -158,11 +172,12 @@ def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
 
 
 def _tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,
-                  rtol: float, b: StepBounds) -> Check:
+                  rtol: float, b: StepBounds, of_value: bool = False) -> Check:
+    """``rtol`` of the largest change in the step, or (``of_value``) of the largest value."""
     d_tf, d_torch = tf - start, torch - start
     scale = float(max(np.abs(start).max(initial=0.0), np.abs(torch).max(initial=0.0)))
     change = float(np.abs(d_torch).max(initial=0.0))
-    bound = b.ulps * _ulp(scale, b.eps) + rtol * change
+    bound = b.ulps * _ulp(scale, b.eps) + rtol * (scale if of_value else change)
     diff = np.abs(d_tf - d_torch)
     worst = float(diff.max(initial=0.0))
     return Check(check, key, worst, bound, worst / bound if bound > 0 else (np.inf if worst else 0.0),
@@ -203,18 +218,22 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
     batchy = _batch_statistics_keys(strategy, start.tensors)
     stats = {f"{p}.{s}" for p in bn_prefixes(start.tensors) for s in ("running_mean", "running_var")}
     for key in sorted(start.tensors):
-        # BN statistics are computed in the forward pass: no backward cancellation
-        rtol = b.batch_stats_update_rtol if key in batchy and key not in stats else b.update_rtol
         args = (start.tensors[key], tf.tensors[key], torch.tensors[key])
+        if key in stats:  # computed in the forward pass: a batch mean's rounding, times m
+            rtol, of_value = b.stats_rtol, True
+        else:
+            rtol, of_value = (b.batch_stats_update_rtol if key in batchy else b.update_rtol), False
         moved = _moved_check(key, *args, b, rtol)
-        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b))
+        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b, of_value))
     for name in sorted(set(tf.slots) | set(torch.slots)):
         for key in sorted(set(tf.slots.get(name, {})) | set(torch.slots.get(name, {}))):
             values = [s.slots.get(name, {}).get(key) for s in (start, tf, torch)]
             zero = np.zeros_like(next(v for v in values if v is not None))
             begin, a, c = (zero if v is None else v for v in values)
             rtol = b.batch_stats_update_rtol if key in batchy else b.update_rtol
-            checks.append(_tensor_check(f"slot:{name}", key, begin, a, c, rtol, b))
+            # a slot's change can cancel (momentum: g - (1 - m) b): judged against its value,
+            # as strictly as the parameter update it becomes
+            checks.append(_tensor_check(f"slot:{name}", key, begin, a, c, rtol, b, True))
     return checks
 
 
@@ -230,7 +249,7 @@ class _Observer:
 
     def __init__(self, config: RunConfig, record: LockstepRecord):
         self.config, self.record = config, record
-        self.bounds = step_bounds(config.dtype)
+        self.bounds = step_bounds(config.dtype, config)
         self.follower = frameworks.load(FOLLOWER, "train").Stepper(config)
         self._exact: dict[str, object] | None = None  # float64 steppers, built on first need
         self._next_start: TrainingState | None = None  # the state after the last step
@@ -271,7 +290,7 @@ class _Observer:
             stepper.load(self.start, f"lockstep step {step} (float64)")
             losses64[fw] = stepper.step(idx)
             after64[fw] = stepper.state()
-        b64 = step_bounds("float64")
+        b64 = step_bounds("float64", self.config)
         exact = {c.check + c.key: c for c in
                  compare_step(self.start, losses64, after64, self.config.strategy, b64)}
         outside = [c for c in checks if c.outside]
@@ -297,7 +316,7 @@ def lockstep(config: RunConfig) -> tuple[RunRecord, LockstepRecord]:
     """The reference framework's run (its record) and the lockstep record of the same run."""
     expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
     record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
-                            step_bounds(config.dtype).name, expected)
+                            step_bounds(config.dtype, config).name, expected)
     observer = _Observer(config, record)
     reference = frameworks.load(REFERENCE, "train").run(config, observer=observer)
     semantic = record.semantic_events

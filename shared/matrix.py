@@ -24,6 +24,7 @@ lockstep with the float64 bounds, and the two free runs agree within
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,13 +34,17 @@ from shared.compare import Tolerance, compare_records, expectation_failures
 from shared.envelope import Envelope, FreeRun, envelope_from, judge_free_run
 from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, lockstep
 from shared.record import RunConfig, RunRecord
+from shared.worker import TorchWorker
 
-__all__ = ["EQUIVALENT", "FLOAT64_RUN", "StrategyResult", "exact_config", "run_matrix",
-           "run_strategy"]
+__all__ = ["EQUIVALENT", "FLOAT64_RUN", "WORKERS_ENV", "StrategyResult", "exact_config",
+           "run_matrix", "run_strategy", "workers"]
 
 # strategy -> the strategy whose envelope and float64 run it shares (the same maths)
 EQUIVALENT = {"frozen": "feature_extraction"}
 FLOAT64_RUN = Tolerance("FLOAT64_RUN", tol.FLOAT64_RUN_ATOL, 0.0)
+# "0": every run in this process. Default: one worker process for the torch-only runs
+# (envelope reruns, float64 runs) where the machine has a second core.
+WORKERS_ENV = "FREEZE_PARITY_WORKERS"
 
 
 @dataclass
@@ -94,26 +99,53 @@ def _run(framework: str, config: RunConfig) -> RunRecord:
     return frameworks.load(framework, "train").run(config)
 
 
-class _Shared:
-    """Envelope reruns and float64 runs, shared between strategies of the same maths."""
+def workers() -> int:
+    """Worker processes for torch-only runs: ``FREEZE_PARITY_WORKERS``, else 1 on 2+ cores."""
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if text:
+        if not text.isdigit():
+            raise ValueError(f"{WORKERS_ENV}: expected a number of worker processes, got {text!r}")
+        return min(int(text), 1)
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
 
-    def __init__(self):
-        self.reruns: dict[tuple[str, int], RunRecord] = {}
-        self.exact: dict[str, RunRecord] = {}
+
+class _Shared:
+    """torch-only runs (envelope reruns, float64 runs), shared between strategies of the same
+    maths; run by a worker process where one is given, else here when first needed."""
+
+    def __init__(self, worker: TorchWorker | None = None):
+        self.worker = worker
+        self.runs: dict[RunConfig, RunRecord | int] = {}
+
+    @staticmethod
+    def rerun_config(config: RunConfig, seed: int | None) -> RunConfig:
+        """torch's run of ``config``'s maths with rounding seed ``seed`` (None: the run itself)."""
+        return dataclasses.replace(config, strategy=EQUIVALENT.get(config.strategy, config.strategy),
+                                   rounding_seed=seed)
+
+    @staticmethod
+    def float64_config(config: RunConfig) -> RunConfig:
+        return exact_config(dataclasses.replace(
+            config, strategy=EQUIVALENT.get(config.strategy, config.strategy)))
+
+    def submit(self, config: RunConfig) -> None:
+        """Start ``config`` in the worker now (if there is one), to be collected later."""
+        if self.worker is not None and config not in self.runs:
+            self.runs[config] = self.worker.submit(config)
+
+    def get(self, config: RunConfig) -> RunRecord:
+        held = self.runs.get(config)
+        if isinstance(held, int):
+            held = self.runs[config] = self.worker.result(held)
+        if held is None:
+            held = self.runs[config] = _run("torch", config)
+        return held
 
     def rerun(self, config: RunConfig, seed: int | None) -> RunRecord:
-        """torch's run of ``config``'s maths from a start perturbed with ``seed`` (None: not)."""
-        name = EQUIVALENT.get(config.strategy, config.strategy)
-        if (name, seed) not in self.reruns:
-            self.reruns[name, seed] = _run("torch", dataclasses.replace(
-                config, strategy=name, rounding_seed=seed))
-        return self.reruns[name, seed]
+        return self.get(self.rerun_config(config, seed))
 
     def float64(self, config: RunConfig) -> RunRecord:
-        name = EQUIVALENT.get(config.strategy, config.strategy)
-        if name not in self.exact:
-            self.exact[name] = _run("torch", exact_config(dataclasses.replace(config, strategy=name)))
-        return self.exact[name]
+        return self.get(self.float64_config(config))
 
 
 def _as_strategy(record: RunRecord, strategy: str) -> RunRecord:
@@ -166,8 +198,29 @@ def run_strategy(config: RunConfig, shared: _Shared | None = None,
 
 
 def run_matrix(configs: dict[str, RunConfig],
-               note: Callable[[str, str], None] | None = None) -> list[StrategyResult]:
-    """:func:`run_strategy` for each config, in order, sharing envelope and float64 runs."""
-    shared = _Shared()
-    return [run_strategy(config, shared, note=(lambda what, n=name: note(n, what)) if note else None)
-            for name, config in configs.items()]
+               note: Callable[[str, str], None] | None = None,
+               processes: int | None = None) -> list[StrategyResult]:
+    """:func:`run_strategy` for each config, in order, sharing envelope and float64 runs.
+
+    ``processes`` (None: :func:`workers`): with 1, a worker process (``shared.worker``: a
+    fresh interpreter that imports torch only) runs every torch-only run while this process
+    runs the lockstep and Keras runs; the records are the same bit for bit either way.
+    """
+    processes = workers() if processes is None else processes
+    float32 = [c for c in configs.values() if c.dtype == "float32"]
+    worker = TorchWorker() if processes and float32 else None
+    try:
+        shared = _Shared(worker)
+        for config in float32:
+            if config.strategy not in EXPECTED_TO_DIFFER:
+                shared.submit(shared.float64_config(config))
+            if config.strategy in EQUIVALENT:
+                shared.submit(shared.rerun_config(config, None))
+            for seed in tol.ENVELOPE_SEEDS:
+                shared.submit(shared.rerun_config(config, seed))
+        return [run_strategy(config, shared,
+                             note=(lambda what, n=name: note(n, what)) if note else None)
+                for name, config in configs.items()]
+    finally:
+        if worker is not None:
+            worker.close()

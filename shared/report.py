@@ -21,12 +21,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.compare import Comparison, compare_records, expectation_failures
 from shared.errors import UsageError
 from shared.io import ensure_writable_dir
 from shared.record import RunRecord
 from shared.strategies import get_strategy
+
+if TYPE_CHECKING:
+    from shared.matrix import StrategyResult
 
 __all__ = [
     "COLUMNS",
@@ -72,29 +75,47 @@ COLUMNS: tuple[Column, ...] = (
         Column(f"{fw}_acc", f"{fw} acc", ".3f",
                f"{fw}: held-out target accuracy after the last step (inference mode)"),
     )),
-    Column("max_diff", "max |tf-torch|", ".3g",
-           "largest cross-framework difference of per-step train/eval and held-out losses"),
-    Column("tolerance", "tolerance", None, "the named tolerance parity is judged with "
-           "(shared/tolerances.py)"),
-    Column("verdict", "verdict", None, "declared expectations and parity: ok, or what failed"),
+    Column("step_max", "one step", ".3g",
+           "lockstep: largest |tf - torch| of the losses when both take the same step from "
+           "the same state (shared/lockstep.py); every tensor's change is compared too"),
+    Column("free_max", "free run", ".3g",
+           "largest |tf - torch| of per-step train/eval and held-out losses when each "
+           "framework runs on its own"),
+    Column("envelope", "envelope", ".3g",
+           "rounding envelope: largest spread of torch reruns whose float32 rounding differs "
+           "from the run's (start one ulp off, batches reordered); the free run passes within "
+           "ENVELOPE_MULTIPLE times it (shared/envelope.py)"),
+    Column("tf_vs_f64", "tf vs f64", ".3g",
+           "largest |tf float32 - float64| of the same losses (the float64 run from the same start)"),
+    Column("torch_vs_f64", "torch vs f64", ".3g",
+           "largest |torch float32 - float64| of the same losses"),
+    Column("verdict", "verdict", None, "freezing semantics (declared expectations, lockstep), "
+           "free run against the envelope; numerics: one framework's float32 departing"),
 )
-
 
 def format_cell(value, column: Column) -> str:
     if column.fmt is None:
         return str(value)
+    if value is None:  # nothing to show (e.g. naive, whose frameworks differ by design)
+        return "-"
     return format(float(value), column.fmt)
 
 
-def verdict(comparison: Comparison, failures: dict[str, list[str]]) -> str:
-    """Short verdict of one strategy: "ok", "ok: differs as expected", or "FAIL: what"."""
+def verdict(result: StrategyResult) -> str:
+    """Short verdict of one strategy: "ok", "ok: differs as expected", "ok; numerics: tf",
+    or "FAIL: what"."""
     problems = []
-    if comparison.failures:
-        problems.append("parity" if comparison.expected_to_match else "agree, expected to differ")
-    problems += [f"{fw} expectations" for fw in FRAMEWORK_ORDER if failures.get(fw)]
+    if result.lockstep.failures:
+        problems.append("lockstep" if result.expected_to_match else "lockstep agrees, expected to differ")
+    if result.free.failures:
+        problems.append("free run" if result.expected_to_match else "free run agrees, expected to differ")
+    problems += [f"{fw} expectations" for fw in FRAMEWORK_ORDER if result.expectations.get(fw)]
     if problems:
         return "FAIL: " + ", ".join(problems)
-    return "ok" if comparison.expected_to_match else "ok: differs as expected"
+    text = "ok" if result.expected_to_match else "ok: differs as expected"
+    departing = sorted({e.departs for e in result.lockstep.numerics_events if e.departs != "both"}
+                       | ({result.free.departs} if result.free.finding else set()))
+    return text + (f"; numerics: {', '.join(departing)}" if departing else "")
 
 
 def _run_data(record: RunRecord) -> dict:
@@ -113,10 +134,13 @@ def _run_data(record: RunRecord) -> dict:
 class Report:
     settings: dict
     rows: list[dict]
-    # every failure sentence, parity and expectations, in strategy order
+    # every failure sentence (lockstep, free run, expectations), in strategy order
     failures: list[str]
-    # strategy -> {"tf": run data, "torch": run data, "comparison": {...}}
+    # strategy -> {"tf": run data, "torch": run data, "lockstep": ..., "free_run": ...,
+    #              "envelope": ..., "float64": run data or None}
     runs: dict[str, dict] = field(default_factory=dict)
+    # numerics findings: one framework's float32 departing from float64 (never failures)
+    findings: list[str] = field(default_factory=list)
     # compare --replicas: shared.distributed.replica_section (rows, notes, failures)
     replicas: dict | None = None
 
@@ -138,6 +162,7 @@ class Report:
             "settings": dict(self.settings),
             "ok": self.ok,
             "failures": list(self.failures),
+            "findings": list(self.findings),
             "table": {
                 "columns": [{"key": c.key, "title": c.title, "format": c.fmt,
                              "description": c.description} for c in COLUMNS],
@@ -148,34 +173,40 @@ class Report:
         }
 
 
-def build_report(pairs: list[tuple[RunRecord, RunRecord]], settings: dict) -> Report:
-    """A Report from ``(tf_record, torch_record)`` per strategy, in the order given."""
-    rows, failures, runs = [], [], {}
-    for tf_record, torch_record in pairs:
+def build_report(results: list[StrategyResult], settings: dict) -> Report:
+    """A Report from one :class:`~shared.matrix.StrategyResult` per strategy, in order."""
+    rows, failures, findings, runs = [], [], [], {}
+    for result in results:
+        get_strategy(result.strategy)
+        tf_record, torch_record = result.tf, result.torch
         if (tf_record.framework, torch_record.framework) != FRAMEWORK_ORDER:
             raise ValueError(f"build_report: expected (tf, torch) records, got "
                              f"({tf_record.framework}, {torch_record.framework})")
-        get_strategy(tf_record.strategy)
-        cmp = compare_records(tf_record, torch_record)
-        expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
-        row = {"strategy": tf_record.strategy}
+        row = {"strategy": result.strategy}
         for record in (tf_record, torch_record):
             last = record.steps[-1]
             row[f"{record.framework}_train"] = last.train_loss
             row[f"{record.framework}_eval"] = last.eval_loss
             row[f"{record.framework}_gap"] = record.max_train_eval_gap
             row[f"{record.framework}_acc"] = record.heldout[-1].accuracy
-        row["max_diff"] = cmp.max_diff
-        row["tolerance"] = cmp.tolerance.name
-        row["verdict"] = verdict(cmp, expectations)
+        free = result.free
+        row["step_max"] = result.lockstep.max_loss_diff
+        row["free_max"] = free.max_diff
+        row["envelope"] = free.envelope if result.envelope is not None else None
+        row["tf_vs_f64"] = free.tf_departure
+        row["torch_vs_f64"] = free.torch_departure
+        row["verdict"] = verdict(result)
         rows.append(row)
-        failures += cmp.failures + expectations["tf"] + expectations["torch"]
-        comparison = cmp.to_dict()
-        for key in ("train_diffs", "eval_diffs"):
-            comparison.pop(key)  # the per-step losses are in the runs themselves
-        runs[tf_record.strategy] = {"tf": _run_data(tf_record), "torch": _run_data(torch_record),
-                                    "comparison": comparison}
-    return Report(settings=dict(settings), rows=rows, failures=failures, runs=runs)
+        failures += result.failures
+        findings += result.findings
+        runs[result.strategy] = {
+            "tf": _run_data(tf_record), "torch": _run_data(torch_record),
+            "lockstep": result.lockstep.to_dict(), "free_run": free.to_dict(),
+            "envelope": result.envelope.to_dict() if result.envelope is not None else None,
+            "float64": _run_data(result.exact) if result.exact is not None else None,
+        }
+    return Report(settings=dict(settings), rows=rows, failures=failures, runs=runs,
+                  findings=findings)
 
 
 # --------------------------------------------------------------------------- #
@@ -220,7 +251,8 @@ def _md_escape(text: str) -> str:
 def render_markdown(report: Report, figure: str | None = "figure.png") -> str:
     lines = [f"# {_title(report)}", ""]
     if report.ok:
-        lines.append("**Result: every declared expectation and cross-framework parity holds.**")
+        lines.append("**Result: every declared expectation holds, lockstep agrees step by step and "
+                     "every free run stays within its rounding envelope.**")
     else:
         lines.append(f"**Result: {len(report.failures)} failure(s).**")
     lines += ["", "| " + " | ".join(_md_escape(c.title) for c in COLUMNS) + " |",
@@ -234,6 +266,9 @@ def render_markdown(report: Report, figure: str | None = "figure.png") -> str:
         lines += ["", *replica_markdown(report.replicas)]
     if report.failures:
         lines += ["", "## Failures", ""] + [f"- {_md_escape(f)}" for f in report.failures]
+    if report.findings:
+        lines += ["", "## Numerics findings (not failures)", ""]
+        lines += [f"- {_md_escape(f)}" for f in report.findings]
     lines += ["", "## Strategies", ""]
     for name in report.strategies:
         runs = report.runs[name]
@@ -266,8 +301,10 @@ _WIDTHS = {"tf": 3.0, "torch": 1.2}  # tf drawn wide underneath, torch thin on t
 
 def render_figure(report: Report, dpi: int = 100) -> bytes:
     """PNG bytes: one panel per strategy; metadata "panels", "grid", "size", "strategies"."""
+    import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     n = len(report.rows)
     rows, cols, width, height = figure_size(n, dpi)
@@ -275,6 +312,14 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, row in zip(axes.flat, report.rows):
         runs = report.runs[row["strategy"]]
+        envelope = runs.get("envelope")
+        if envelope is not None:
+            # where rounding alone carries the run: torch's train loss +- the allowed multiple
+            band = np.maximum.accumulate(np.asarray(envelope["spread"]["train_loss"]))
+            band = runs["free_run"]["multiple"] * band
+            center = np.asarray(runs["torch"]["train_loss"])
+            ax.fill_between(range(len(center)), center - band, center + band,
+                            color=_COLOURS["torch"], alpha=0.18, linewidth=0)
         for fw in FRAMEWORK_ORDER:
             run = runs[fw]
             steps = range(len(run["train_loss"]))  # step i: measured after i updates
@@ -296,7 +341,9 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
                for fw in FRAMEWORK_ORDER
                for ls, m, what in (("-", None, "train mode"), ("--", None, "eval mode"),
                                    ("none", "o" if fw == "tf" else "x", "held-out"))]
-    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=9)
+    handles.append(Patch(color=_COLOURS["torch"], alpha=0.18,
+                         label="rounding envelope x multiple (train mode)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=7, fontsize=9)
     fig.suptitle(_title(report), fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, metadata={

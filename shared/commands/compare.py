@@ -35,6 +35,10 @@ def add_parser(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per run (default: tinyconv 100, resnet18 30)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="float32 (default: what users run; lockstep, free runs against "
+                             "the rounding envelope, each framework against float64) or float64 "
+                             "(the exactness proof: lockstep and free runs within FLOAT64_RUN_ATOL)")
     parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 0.01), Adam 0.001")
     parser.add_argument("--checkpoint", default=None,
                         help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
@@ -121,7 +125,7 @@ def run(args) -> int:
         raise UsageError(f"--replicas must be >= 1 and divide the batch of {RunConfig.batch_size}, "
                          f"got {args.replicas}")
     configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
-                               optimizer=args.optimizer, learning_rate=args.lr)
+                               optimizer=args.optimizer, learning_rate=args.lr, dtype=args.dtype)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
     from shared.report import check_report_dir
 
@@ -132,27 +136,30 @@ def run(args) -> int:
     _check_checkpoint(next(iter(configs.values())))
 
     # --- the matrix ---------------------------------------------------------------------
+    from shared.matrix import run_matrix
     from shared.report import build_report, render_json, render_table, table_width, write_reports
 
-    trainers = {fw: frameworks.load(fw, "train") for fw in ("torch", "tf")}  # torch first
-    pairs = []
+    for fw in ("torch", "tf"):  # torch first
+        frameworks.load(fw, "train")
     with _progress(args.quiet) as progress:
-        task = progress.add_task("starting", total=2 * len(configs))
-        for name, config in configs.items():
-            records = {}
-            for fw in ("tf", "torch"):
-                progress.update(task, description=f"{name} [{fw}]")
-                records[fw] = trainers[fw].run(config)
+        task = progress.add_task("starting", total=len(configs))
+        done: list[str] = []
+
+        def note(name: str, what: str) -> None:
+            if done and done[-1] != name:
                 progress.advance(task)
-            pairs.append((records["tf"], records["torch"]))
-        progress.update(task, description="done")
+            done.append(name)
+            progress.update(task, description=f"{name}: {what}")
+
+        results = run_matrix(configs, note=note)
+        progress.update(task, completed=len(configs), description="done")
     first = next(iter(configs.values()))
     settings = {"arch": first.arch, "optimizer": first.optimizer,
                 "learning_rate": first.learning_rate, "momentum": first.momentum,
                 "steps": first.steps, "batch_size": first.batch_size, "seed": first.seed,
                 "dtype": first.dtype, "checkpoint": checkpoint, "strategies": list(configs),
                 "versions": _versions()}
-    report = build_report(pairs, settings)
+    report = build_report(results, settings)
     if args.replicas > 1:
         from shared import distributed
 
@@ -160,7 +167,7 @@ def run(args) -> int:
             print(f"freeze-parity compare: data-parallel runs, {args.replicas} replicas per "
                   f"framework ...", file=sys.stderr, flush=True)
         replicated = distributed.replica_jobs(list(configs), configs, args.replicas)
-        singles = {(r.framework, r.strategy): r for pair in pairs for r in pair}
+        singles = {(r.framework, r.strategy): r for res in results for r in (res.tf, res.torch)}
         report.replicas = distributed.replica_section(singles, replicated)
         report.failures += report.replicas["failures"]
         report.settings["replicas"] = args.replicas
@@ -181,7 +188,10 @@ def run(args) -> int:
             console.print(table)
         for failure in report.failures:
             print(f"FAILED: {failure}")
-        print(("every declared expectation and cross-framework parity holds" if report.ok else
+        for finding in report.findings:
+            print(f"numerics: {finding}")
+        print(("every declared expectation holds, lockstep agrees step by step, every free run "
+               "stays within its rounding envelope" if report.ok else
                f"{len(report.failures)} failure(s)") + f"; reports: {', '.join(map(str, paths.values()))}")
     return 0 if report.ok else 1
 
