@@ -247,10 +247,10 @@ def _worst(checks: list[Check]) -> Check:
 class _Observer:
     """Told by the reference's ``train.run`` about each step; steps the follower alongside."""
 
-    def __init__(self, config: RunConfig, record: LockstepRecord):
+    def __init__(self, config: RunConfig, record: LockstepRecord, follower=None):
         self.config, self.record = config, record
         self.bounds = step_bounds(config.dtype, config)
-        self.follower = frameworks.load(FOLLOWER, "train").Stepper(config)
+        self.follower = follower or frameworks.load(FOLLOWER, "train").Stepper(config)
         self._exact: dict[str, object] | None = None  # float64 steppers, built on first need
         self._next_start: TrainingState | None = None  # the state after the last step
 
@@ -312,12 +312,16 @@ class _Observer:
                              departure[FOLLOWER], departure[REFERENCE], departs)
 
 
-def lockstep(config: RunConfig) -> tuple[RunRecord, LockstepRecord]:
-    """The reference framework's run (its record) and the lockstep record of the same run."""
+def lockstep(config: RunConfig, follower=None) -> tuple[RunRecord, LockstepRecord]:
+    """The reference framework's run (its record) and the lockstep record of the same run.
+
+    ``follower``: the other framework's ``Stepper`` of ``config`` to step with (any state:
+    every step loads the reference's), e.g. the one its own free run used.
+    """
     expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
     record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
                             step_bounds(config.dtype, config).name, expected)
-    observer = _Observer(config, record)
+    observer = _Observer(config, record, follower)
     reference = frameworks.load(REFERENCE, "train").run(config, observer=observer)
     semantic = record.semantic_events
     if expected and semantic:

@@ -159,10 +159,12 @@ def run_strategy(config: RunConfig, shared: _Shared | None = None,
     """Every run of one strategy and its verdicts."""
     shared = shared or _Shared()
     note = note or (lambda what: None)
-    note("lockstep")
-    torch_record, lock = lockstep(config)
     note("tf run")
-    tf_record = _run("tf", config)
+    tf_train = frameworks.load("tf", "train")
+    follower = tf_train.Stepper(config)
+    tf_record = tf_train.run(config, stepper=follower)
+    note("lockstep")  # the same Keras model again, loaded with torch's state at every step
+    torch_record, lock = lockstep(config, follower)
     expected = config.strategy not in EXPECTED_TO_DIFFER
     expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
     if config.dtype == "float64":

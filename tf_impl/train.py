@@ -296,8 +296,12 @@ class Stepper:
         x, y = self.inputs[idx], self.prepared.train.labels[idx]
         if self._pending is not None:
             values, self._pending = self._pending, None
-            eval_loss, train_loss, after = self._loaded_step(values, x, y)
-            self._after = [np.asarray(v) for v in after]
+            flat = np.concatenate([np.ravel(v) for v in values[:-1]]).astype(self.config.dtype)
+            eval_loss, train_loss, after, step = self._loaded_step(flat, values[-1], x, y)
+            after = np.asarray(after)
+            self._after = [part.reshape(v.shape) for part, v in
+                           zip(np.split(after, np.cumsum([v.size for v in values[:-2]])),
+                               values[:-1])] + [np.asarray(step)]
             return float(train_loss), float(eval_loss)
         self._after = None
         eval_loss = self.eval_loss(idx)
@@ -337,29 +341,36 @@ class Stepper:
         first = self.prepared.indices[0]
         trainee.train_on_batch(self.inputs[first], self.prepared.train.labels[first])
 
+        floats, iterations = variables[:-1], variables[-1]
+        sizes = [int(np.prod(v.shape)) for v in floats]
+
+        # one flat buffer in and out: converting forty arrays per call costs more than the step
         @tf.function(reduce_retracing=True)
-        def loaded_step(values, x, y):
-            for var, value in zip(variables, values):
-                var.assign(value)
+        def loaded_step(flat, step, x, y):
+            for var, part in zip(floats, tf.split(flat, sizes)):
+                var.assign(tf.reshape(part, var.shape))
+            iterations.assign(step)
             logits = trainee(x, training=False)
             eval_loss = ops.mean(keras.losses.sparse_categorical_crossentropy(
                 y, logits, from_logits=True))
             logs = trainee.train_step((x, y))
-            return eval_loss, logs["batch_loss"], [var.value for var in variables]
+            out = tf.concat([tf.reshape(var.value, [-1]) for var in floats], axis=0)
+            return eval_loss, logs["batch_loss"], out, iterations.value
 
         return loaded_step
 
 
-def run(config: RunConfig, replica=None, observer=None) -> RunRecord:
+def run(config: RunConfig, replica=None, observer=None, stepper: Stepper | None = None) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record.
 
     ``replica`` (``tf_impl.distributed.Replica``) runs it under a MirroredStrategy:
     model, optimizer and ``fit`` in the strategy's scope; ``fit`` splits each global
     batch over the replicas; the record reads replica 0's variables. ``observer``
     (``shared.lockstep``) is told about every step: ``before_step(step, idx, stepper)``
-    and ``after_step(step, idx, stepper, record)``.
+    and ``after_step(step, idx, stepper, record)``. ``stepper``: a fresh :class:`Stepper`
+    of ``config`` to run with (the lockstep reuses it afterwards).
     """
-    stepper = Stepper(config, replica)
+    stepper = stepper or Stepper(config, replica)
     with stepper.replica.scope():
         return _run(stepper, observer)
 

@@ -230,16 +230,17 @@ class Stepper:
         import_training_state(self.model, self.optimizer, state, where)
 
 
-def run(config: RunConfig, replica=None, observer=None) -> RunRecord:
+def run(config: RunConfig, replica=None, observer=None, stepper: Stepper | None = None) -> RunRecord:
     """Fine-tune on the target domain with ``config.strategy``; the per-step record.
 
     ``replica`` (``torch_impl.distributed.Replica``) makes this one DDP rank: it trains
     on its shard of each global batch through the DDP-wrapped model, and the recorded
     losses are the mean over ranks (the global batch's loss when shards are equal).
     ``observer`` (``shared.lockstep``) is told about every step: ``before_step(step, idx,
-    stepper)`` and ``after_step(step, idx, stepper, record)``.
+    stepper)`` and ``after_step(step, idx, stepper, record)``. ``stepper``: a fresh
+    :class:`Stepper` of ``config`` to run with (the lockstep reuses it afterwards).
     """
-    stepper = Stepper(config, replica)
+    stepper = stepper or Stepper(config, replica)
     replica = stepper.replica
     before = _state(stepper.model)
     points = set(eval_points(config))
