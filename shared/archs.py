@@ -59,6 +59,35 @@ def arch_config(arch: str):
     raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(ARCHS)}")
 
 
+def _down(size: int, stride: int) -> int:
+    return -(-size // stride)  # 3x3 (or 7x7) padded convolutions and pools: ceil(size / stride)
+
+
+def bn_reduction_sizes(arch: str, batch_size: int) -> dict[str, int]:
+    """Canonical BatchNorm prefix -> the number of values one channel's batch mean is over
+    (batch x height x width of that BatchNorm's input)."""
+    config = arch_config(arch)
+    size, out = config.image_size, {}
+    if isinstance(config, TinyConvConfig):
+        for i, stride in enumerate(config.strides, start=1):
+            size = _down(size, stride)
+            out[f"base.block{i}.bn"] = batch_size * size * size
+        return out
+    size = _down(size, 2)  # conv1, stride 2
+    out["base.bn1"] = batch_size * size * size
+    size = _down(size, 2)  # maxpool
+    for layer in range(1, 5):
+        stride = 1 if layer == 1 else 2
+        for block in range(2):
+            if block == 0:
+                size = _down(size, stride)
+                if stride != 1:
+                    out[f"base.layer{layer}.0.downsample.1"] = batch_size * size * size
+            for bn in ("bn1", "bn2"):
+                out[f"base.layer{layer}.{block}.{bn}"] = batch_size * size * size
+    return out
+
+
 def keras_momentum(torch_momentum: float) -> float:
     """Keras BatchNormalization momentum equivalent to torch's ``momentum``."""
     return 1.0 - torch_momentum

@@ -49,39 +49,55 @@ FOLLOWER = "tf"       # takes each step from the reference's state
 
 @dataclass(frozen=True)
 class StepBounds:
-    """The one-step bounds of a comparison (float32, or float64 for the decision)."""
+    """The one-step bounds of a comparison (float32, or float64 for the decision).
+
+    Every tensor's bound, elementwise: ``ulps`` units in the last place of the tensor's
+    largest |value| (each side rounds the stored result), plus a relative part that
+    depends on what the tensor is:
+
+    * a parameter: ``update_rtol`` of its largest change in the step (the gradient's
+      rounding, passed on by the optimizer), ``batch_stats_rtol`` where the gradient runs
+      through BatchNorm on batch statistics;
+    * an optimizer slot (momentum buffer, Adam's moments): ``slot_rtol`` of its largest
+      |value| (``batch_stats_rtol`` likewise): a slot's change can cancel (the momentum
+      buffer's ``g - (1 - m) b``), its value is what the next update is made of;
+    * a BatchNorm statistic: the momentum times the rounding of a batch mean over that
+      layer's ``n`` values, ``LOCKSTEP_STATS_SUM_C * sqrt(n) * eps`` of its |value|.
+    """
     name: str
     loss_atol: float
     loss_rtol: float
-    ulps: float                  # units in the last place of the tensor's largest |value|
-    update_rtol: float           # of the tensor's largest |change| in the step
-    batch_stats_update_rtol: float  # for tensors whose gradient runs through BN batch statistics
-    # a BatchNorm statistic's change, relative to the statistic's largest |value|: the
-    # momentum times the rounding of a mean over the batch (see step_bounds)
-    stats_rtol: float
-    eps: float                   # the dtype's machine epsilon (ulp of 1 is 2 * eps)
+    ulps: float
+    update_rtol: float
+    slot_rtol: float
+    batch_stats_rtol: float
+    eps: float                    # the dtype's machine epsilon (ulp of 1 is 2 * eps)
+    momentum: float               # BatchNorm's (torch convention)
+    reductions: tuple[tuple[str, int], ...] = ()  # BN prefix -> values per channel mean
+
+    def stats_rtol(self, key: str) -> float:
+        prefix = key.rsplit(".", 1)[0]
+        n = dict(self.reductions).get(prefix, max((v for _, v in self.reductions), default=1))
+        return tol.LOCKSTEP_STATS_SUM_C * self.momentum * float(np.sqrt(n)) * self.eps
 
 
 def step_bounds(dtype: str = "float32", config: RunConfig | None = None) -> StepBounds:
-    """The one-step bounds of ``dtype``. A BatchNorm statistic's update ``m * (batch - old)``
-    carries ``m`` times the rounding of a batch mean (or variance) over ``n`` values,
-    ``LOCKSTEP_STATS_SUM_C * sqrt(n) * eps`` of its size; ``n`` is the batch times the
-    input's pixels (``config``'s arch: the largest map any BatchNorm sees)."""
-    from shared.archs import arch_config
+    """The one-step bounds of ``dtype`` for ``config``'s arch and batch."""
+    from shared.archs import arch_config, bn_reduction_sizes
 
     config = config or RunConfig(dtype=dtype)
-    arch = arch_config(config.arch)
-    n = config.batch_size * arch.image_size ** 2
-    eps = float(np.finfo(np.float64 if dtype == "float64" else np.float32).eps)
-    stats = tol.LOCKSTEP_STATS_SUM_C * arch.bn_momentum * np.sqrt(n) * eps
+    reductions = tuple(sorted(bn_reduction_sizes(config.arch, config.batch_size).items()))
+    momentum = arch_config(config.arch).bn_momentum
     if dtype == "float64":
         return StepBounds("LOCKSTEP_FLOAT64", tol.LOCKSTEP_FLOAT64_LOSS_ATOL,
                           tol.LOCKSTEP_FLOAT64_LOSS_RTOL, tol.LOCKSTEP_ULPS,
-                          tol.LOCKSTEP_FLOAT64_UPDATE_RTOL, tol.LOCKSTEP_FLOAT64_UPDATE_RTOL,
-                          stats, eps)
+                          tol.LOCKSTEP_FLOAT64_RTOL, tol.LOCKSTEP_FLOAT64_RTOL,
+                          tol.LOCKSTEP_FLOAT64_RTOL, float(np.finfo(np.float64).eps), momentum,
+                          reductions)
     return StepBounds("LOCKSTEP", tol.LOCKSTEP_LOSS_ATOL, tol.LOCKSTEP_LOSS_RTOL,
-                      tol.LOCKSTEP_ULPS, tol.LOCKSTEP_UPDATE_RTOL,
-                      tol.LOCKSTEP_BATCH_STATS_UPDATE_RTOL, stats, eps)
+                      tol.LOCKSTEP_ULPS, tol.LOCKSTEP_UPDATE_RTOL, tol.LOCKSTEP_SLOT_RTOL,
+                      tol.LOCKSTEP_BATCH_STATS_RTOL, float(np.finfo(np.float32).eps), momentum,
+                      reductions)
 
 
 @dataclass(frozen=True)
@@ -220,9 +236,9 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
     for key in sorted(start.tensors):
         args = (start.tensors[key], tf.tensors[key], torch.tensors[key])
         if key in stats:  # computed in the forward pass: a batch mean's rounding, times m
-            rtol, of_value = b.stats_rtol, True
+            rtol, of_value = b.stats_rtol(key), True
         else:
-            rtol, of_value = (b.batch_stats_update_rtol if key in batchy else b.update_rtol), False
+            rtol, of_value = (b.batch_stats_rtol if key in batchy else b.update_rtol), False
         moved = _moved_check(key, *args, b, rtol)
         checks.append(moved or _tensor_check("tensor", key, *args, rtol, b, of_value))
     for name in sorted(set(tf.slots) | set(torch.slots)):
@@ -230,9 +246,7 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
             values = [s.slots.get(name, {}).get(key) for s in (start, tf, torch)]
             zero = np.zeros_like(next(v for v in values if v is not None))
             begin, a, c = (zero if v is None else v for v in values)
-            rtol = b.batch_stats_update_rtol if key in batchy else b.update_rtol
-            # a slot's change can cancel (momentum: g - (1 - m) b): judged against its value,
-            # as strictly as the parameter update it becomes
+            rtol = b.batch_stats_rtol if key in batchy else b.slot_rtol
             checks.append(_tensor_check(f"slot:{name}", key, begin, a, c, rtol, b, True))
     return checks
 

@@ -9,6 +9,7 @@ which trains through ``model.fit``.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
@@ -41,8 +42,10 @@ _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batc
 # intra-op parallelism: on 2 busy cores, two torch threads contending with TensorFlow's
 # made runs ~8x slower. One thread also makes timings and results independent of the
 # machine's core count. bench's --threads sets it (torch_impl.bench.set_threads), so the
-# project path and the bare loop it is compared with run under the same setting.
-RUN_THREADS = 1
+# project path and the bare loop it is compared with run under the same setting;
+# FREEZE_PARITY_TORCH_THREADS sets it for a process (the CPU matrix: another thread
+# count sums in another order).
+RUN_THREADS = int(os.environ.get("FREEZE_PARITY_TORCH_THREADS", "1") or 1)
 
 
 @contextlib.contextmanager
