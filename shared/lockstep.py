@@ -76,6 +76,8 @@ class StepBounds:
     reductions: tuple[tuple[str, int], ...] = ()  # BN prefix -> values per channel mean
 
     def stats_rtol(self, key: str) -> float:
+        if self.name == "LOCKSTEP_FLOAT64":
+            return tol.LOCKSTEP_FLOAT64_RTOL
         prefix = key.rsplit(".", 1)[0]
         n = dict(self.reductions).get(prefix, max((v for _, v in self.reductions), default=1))
         return tol.LOCKSTEP_STATS_SUM_C * self.momentum * float(np.sqrt(n)) * self.eps
@@ -188,16 +190,44 @@ def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
 
 
 def _tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,
-                  rtol: float, b: StepBounds, of_value: bool = False) -> Check:
-    """``rtol`` of the largest change in the step, or (``of_value``) of the largest value."""
+                  rtol: float, b: StepBounds, of_value: bool = False, extra=0.0) -> Check:
+    """``rtol`` of the largest change in the step, or (``of_value``) of the largest value,
+    plus ``extra`` (elementwise, e.g. Adam's sensitivity to a gradient's rounding)."""
     d_tf, d_torch = tf - start, torch - start
     scale = float(max(np.abs(start).max(initial=0.0), np.abs(torch).max(initial=0.0)))
     change = float(np.abs(d_torch).max(initial=0.0))
-    bound = b.ulps * _ulp(scale, b.eps) + rtol * (scale if of_value else change)
+    bound = b.ulps * _ulp(scale, b.eps) + rtol * (scale if of_value else change) + extra
     diff = np.abs(d_tf - d_torch)
-    worst = float(diff.max(initial=0.0))
-    return Check(check, key, worst, bound, worst / bound if bound > 0 else (np.inf if worst else 0.0),
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(diff > 0, diff / bound, 0.0)
+    i = int(np.argmax(ratios)) if ratios.size else 0
+    at = np.broadcast_to(bound, diff.shape).ravel()[i] if diff.size else 0.0
+    return Check(check, key, float(diff.ravel()[i]) if diff.size else 0.0, float(at),
+                 float(ratios.ravel()[i]) if ratios.size else 0.0,
                  float(np.abs(d_tf).max(initial=0.0)), change)
+
+
+def _adam_sensitivity(key: str, start: TrainingState, after: TrainingState,
+                      rtol: float) -> np.ndarray | float:
+    """How far one step's rounding of the gradient moves Adam's update of ``key``, elementwise.
+
+    Adam divides by sqrt(v): where v is small (a gradient at rounding level, the first
+    steps) a gradient's rounding ``dg`` moves the update by about
+    ``lr_t (1 - beta_1) dg / (sqrt(v_hat) + eps)``, up to the learning rate itself, and
+    both terms of the update (m, and v through m / sqrt(v)) carry it: twice that. ``dg``:
+    ``rtol`` of the tensor's largest gradient, recovered from the moments,
+    ``g = (m_new - beta_1 m) / (1 - beta_1)``.
+    """
+    if after.optimizer != "adam" or key not in after.slots.get("exp_avg", {}):
+        return 0.0
+    h = after.hyper
+    b1, b2, eps, lr = h["beta_1"], h["beta_2"], h["epsilon"], h["learning_rate"]
+    t = after.step
+    m_old = start.slots.get("exp_avg", {}).get(key, 0.0)
+    g = (after.slots["exp_avg"][key] - b1 * m_old) / (1 - b1)
+    dg = rtol * float(np.abs(g).max(initial=0.0))
+    v_hat = after.slots["exp_avg_sq"][key] / (1 - b2 ** t)
+    return 2.0 * lr / (1 - b1 ** t) * (1 - b1) * dg / (np.sqrt(v_hat) + eps)
 
 
 def _moved_check(key: str, start, tf, torch, b: StepBounds, rtol: float) -> Check | None:
@@ -239,8 +269,9 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
             rtol, of_value = b.stats_rtol(key), True
         else:
             rtol, of_value = (b.batch_stats_rtol if key in batchy else b.update_rtol), False
+        extra = _adam_sensitivity(key, start, torch, rtol)
         moved = _moved_check(key, *args, b, rtol)
-        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b, of_value))
+        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b, of_value, extra))
     for name in sorted(set(tf.slots) | set(torch.slots)):
         for key in sorted(set(tf.slots.get(name, {})) | set(torch.slots.get(name, {}))):
             values = [s.slots.get(name, {}).get(key) for s in (start, tf, torch)]

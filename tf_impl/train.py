@@ -69,8 +69,8 @@ def make_optimizer(config) -> keras.optimizers.Optimizer:
     """
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
-    return keras.optimizers.Adam(learning_rate=config.learning_rate, beta_1=0.9, beta_2=0.999,
-                                 epsilon=config.adam_epsilon)
+    return keras.optimizers.Adam(learning_rate=config.learning_rate, beta_1=config.adam_beta_1,
+                                 beta_2=config.adam_beta_2, epsilon=config.adam_epsilon)
 
 
 def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True,

@@ -67,8 +67,9 @@ def make_optimizer(config, params) -> torch.optim.Optimizer:
     """SGD (optionally with momentum) or Adam, set up to update exactly as Keras's do.
 
     SGD: same formula in both frameworks (no dampening, no Nesterov). Adam: same
-    betas; epsilon placement differs (Keras adds it before bias correction), so
-    parity runs use an epsilon too small to matter. No weight decay: Keras's is
+    betas (``RunConfig.adam_beta_*``: float32 numbers, since Keras takes the bias
+    correction's powers of float32 betas); epsilon placement differs (Keras adds it before
+    bias correction), so parity runs use an epsilon too small to matter. No weight decay: Keras's is
     decoupled (AdamW), torch Adam's is L2. Keras keeps the learning rate and momentum in
     float32 variables, so torch gets the same float32 values (lr 0.02 is 0.0199999996 there):
     without that a float64 `full` run ends 2.4e-2 apart from Keras's, with it 2e-13.
@@ -76,7 +77,8 @@ def make_optimizer(config, params) -> torch.optim.Optimizer:
     lr, momentum = _keras_float(config.learning_rate), _keras_float(config.momentum)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=config.adam_epsilon)
+    return torch.optim.Adam(params, lr=lr, betas=(config.adam_beta_1, config.adam_beta_2),
+                            eps=config.adam_epsilon)
 
 
 def _keras_float(value: float) -> float:
