@@ -65,6 +65,7 @@ __all__ = [
     "free_port",
     "inject_failure",
     "launch",
+    "merge_ranks",
     "parse_failure_injection",
     "replica_cells",
     "replica_expectation",
@@ -279,11 +280,21 @@ def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
             if not path.is_file():
                 raise DistributedError(f"{launcher}: rank {rank} exited 0 but wrote no result")
             results.append(json.loads(path.read_text(encoding="utf-8")))
-    merged = []
-    for i, result in enumerate(results[0]):
-        merged.append({**result, "launcher": launcher,
-                       "ranks": [r[i] for r in results]})
-    return merged
+    return merge_ranks(launcher, len(entries), results)
+
+
+def merge_ranks(launcher: str, entries: int, results: list[list[dict]]) -> list[dict]:
+    """Rank 0's result per entry, each with every rank's under ``"ranks"``.
+
+    Every rank must have written one result per entry: a short (or long) one is a
+    DistributedError naming the rank and both counts, never a truncated job.
+    """
+    for rank, result in enumerate(results):
+        if len(result) != entries:
+            raise DistributedError(f"{launcher}: rank {rank} wrote {len(result)} results for "
+                                   f"{entries} entries")
+    return [{**result, "launcher": launcher, "ranks": [r[i] for r in results]}
+            for i, result in enumerate(results[0])]
 
 
 def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
@@ -301,7 +312,7 @@ def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
     entries += [{"key": name, "kind": "probe"} for name in probes]
     results = launch(framework, entries, counts.pop(), timeout_s, env)
     out = {}
-    for entry, result in zip(entries, results):
+    for entry, result in zip(entries, results, strict=True):
         if entry["kind"] == "run":
             ranks = result["ranks"]
             out[entry["key"]] = ReplicaRecord.from_dict(
@@ -376,9 +387,18 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaCom
             single.config != rec.config:
         raise ValueError(f"compare_replicas: records are of different runs ({single.framework} "
                          f"{single.strategy} vs {rec.framework} {rec.strategy})")
-    diffs = [abs(a - b) for a, b in zip(single.train_losses, rec.train_losses)]
-    diffs += [abs(a - b) for a, b in zip(single.eval_losses, rec.eval_losses)]
-    diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout)]
+    where = f"{rec.strategy}[{rec.framework}] x{replicated.options.replicas}"
+    for what, ours, theirs in (("per-step losses", single.steps, rec.steps),
+                               ("held-out evaluations", single.heldout, rec.heldout)):
+        if len(ours) != len(theirs):  # zip would compare the common prefix and pass
+            short, long_ = (("replicated", "single-process") if len(theirs) < len(ours)
+                            else ("single-process", "replicated"))
+            raise ValueError(f"compare_replicas {where}: the {short} record is short: "
+                             f"{min(len(ours), len(theirs))} {what}, the {long_} record has "
+                             f"{max(len(ours), len(theirs))}")
+    diffs = [abs(a - b) for a, b in zip(single.train_losses, rec.train_losses, strict=True)]
+    diffs += [abs(a - b) for a, b in zip(single.eval_losses, rec.eval_losses, strict=True)]
+    diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout, strict=True)]
     max_diff = max(diffs, default=0.0)
     expected = replica_expectation(rec.strategy, rec.framework, replicated.options)
     name, atol = replica_tolerance(rec.strategy, replicated.options)
@@ -508,7 +528,7 @@ def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
                 entries.append({"key": f"{kind}-{n}-{repeat}", "kind": "time",
                                 "config": asdict(config), "options": opts and asdict(opts)})
     results = launch(framework, entries, replicas, timeout_s)
-    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results)}
+    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results, strict=True)}
     per_step = {kind: [(seconds[f"{kind}-{long_}-{i}"] - seconds[f"{kind}-{short}-{i}"])
                        / (long_ - short) for i in range(repeats)]
                 for kind in ("single", "replicas")}

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from shared import distributed as dist
-from shared.record import RunConfig
+from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.tolerances import REPLICA_STEP_ATOL, REPLICA_SYNC_BN_STEP_ATOL, TRAP_MIN_GAP
 
 STEPS = 5  # enough for batch statistics to move the losses well above TRAP_MIN_GAP
@@ -114,6 +115,46 @@ def test_failure_injection_parse_bad_value_raises_naming_variable():
     assert dist.parse_failure_injection("1:hang:0") == (1, dist.HANG, 0)
     with pytest.raises(ValueError, match=dist.FAIL_ENV):
         dist.parse_failure_injection("rank1")
+
+
+def _record(steps: int, heldout_at: tuple[int, ...], config: RunConfig) -> RunRecord:
+    """A hand-made frozen torch record: ``steps`` per-step losses, held-out at ``heldout_at``."""
+    return RunRecord("torch", "frozen", "tinyconv", asdict(config),
+                     steps=[StepRecord(i, 2.0 - 0.1 * i, 1.9 - 0.1 * i) for i in range(steps)],
+                     heldout=[HeldOut(s, 1.5, 0.5) for s in heldout_at])
+
+
+def _replicated(record: RunRecord, replica_bn=None) -> dist.ReplicaRecord:
+    bn = [{"base.block1.bn.running_mean": [0.5, -0.25]}] * 2 if replica_bn is None else replica_bn
+    return dist.ReplicaRecord(record, dist.ReplicaOptions(), "test launcher", replica_bn=bn,
+                              saved_bn=bn[0] if bn else {})
+
+
+@pytest.mark.parametrize("single, replicated, message", [
+    pytest.param((5, (0, 5)), (2, (0, 5)), "the replicated record is short: 2 per-step losses, "
+                 "the single-process record has 5", id="replicated-steps"),
+    pytest.param((2, (0, 5)), (5, (0, 5)), "the single-process record is short: 2 per-step "
+                 "losses, the replicated record has 5", id="single-steps"),
+    pytest.param((5, (0, 5)), (5, (0,)), "the replicated record is short: 1 held-out "
+                 "evaluations, the single-process record has 2", id="replicated-heldout"),
+])
+def test_compare_replicas_short_record_raises_naming_record_and_both_lengths(single, replicated,
+                                                                               message):
+    """A record cut short (a rank that stopped writing) must not be compared on its prefix."""
+    config = RunConfig(strategy="frozen", steps=5, checkpoint="x")
+    with pytest.raises(ValueError) as caught:
+        dist.compare_replicas(_record(*single, config), _replicated(_record(*replicated, config)))
+    assert str(caught.value) == f"compare_replicas frozen[torch] x2: {message}"
+
+
+@pytest.mark.parametrize("counts, rank", [((3, 2), 1), ((2, 3), 0)], ids=["rank1-short", "rank0-short"])
+def test_merge_ranks_rank_with_missing_results_raises_naming_rank_and_counts(counts, rank):
+    results = [[{"key": f"e{i}", "rank": r} for i in range(n)] for r, n in enumerate(counts)]
+    with pytest.raises(dist.DistributedError,
+                       match=fr"^L: rank {rank} wrote 2 results for 3 entries$"):
+        dist.merge_ranks("L", 3, results)
+    merged = dist.merge_ranks("L", 2, [r[:2] for r in results])
+    assert [[r["rank"] for r in m["ranks"]] for m in merged] == [[0, 1], [0, 1]]
 
 
 # --- torch DDP against one process ------------------------------------------------------
