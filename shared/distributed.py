@@ -61,6 +61,7 @@ __all__ = [
     "ReplicaOptions",
     "ReplicaRecord",
     "bench_replicas",
+    "bn_mismatches",
     "compare_replicas",
     "free_port",
     "inject_failure",
@@ -144,6 +145,12 @@ class ReplicaRecord:
         return max((float(np.max(np.abs(np.subtract(first[k], other[k]))))
                     for other in self.replica_bn[1:] for k in first), default=0.0)
 
+    def bn_mismatches(self, reference: dict[str, list[float]] | None = None) -> list[str]:
+        """How the replicas' BN statistics differ from ``reference`` (default replica 0's)
+        bit for bit, one line each; [] when all ``options.replicas`` of them are identical.
+        See :func:`bn_mismatches`."""
+        return bn_mismatches(self.replica_bn, reference, self.options.replicas)
+
     def saved_matches(self) -> list[str]:
         """Which replicas' statistics the saved ones are bit-identical to ("replica 0", ...)."""
         found = [f"replica {i}" for i, stats in enumerate(self.replica_bn)
@@ -154,6 +161,44 @@ class ReplicaRecord:
                             rtol=0, atol=tol.SAME_FRAMEWORK_ATOL) for k in self.saved_bn):
             found.append("mean of replicas")
         return found
+
+
+def bn_mismatches(replicas: list[dict[str, list[float]]],
+                  reference: dict[str, list[float]] | None = None,
+                  count: int | None = None) -> list[str]:
+    """Every way ``replicas`` (canonical key -> values, one dict per replica) are not
+    bit-identical to ``reference`` (default: replica 0's), one line each.
+
+    A spread of 0 says nothing when a replica is missing, holds no statistics or other
+    keys; so each replica must hold exactly the reference's keys (at least one), with the
+    same shape and the same float64 bits in every element (one float32 ulp is a
+    mismatch, as is -0.0 against 0.0). ``count``: how many replicas there must be.
+    """
+    lines = []
+    if count is not None and len(replicas) != count:
+        lines.append(f"BN statistics of {len(replicas)} replicas, expected {count}")
+    if reference is None:
+        reference = replicas[0] if replicas else {}
+    if not reference:
+        lines.append("no BN statistics to compare")
+    for i, stats in enumerate(replicas):
+        for what, keys in (("missing", reference.keys() - stats.keys()),
+                           ("unexpected", stats.keys() - reference.keys())):
+            if keys:
+                lines.append(f"replica {i}: {what} {', '.join(sorted(keys))}")
+        for key in sorted(reference.keys() & stats.keys()):
+            want = np.asarray(reference[key], np.float64)
+            got = np.asarray(stats[key], np.float64)
+            if want.shape != got.shape:
+                lines.append(f"replica {i}: {key} shape {got.shape}, expected {want.shape}")
+                continue
+            differ = np.flatnonzero(want.view(np.uint64) != got.view(np.uint64))
+            if differ.size:
+                j = int(differ[0])
+                lines.append(f"replica {i}: {key} differs in {differ.size} of {want.size} "
+                             f"elements (first at {j}: {float(got.flat[j])!r}, expected "
+                             f"{float(want.flat[j])!r})")
+    return lines
 
 
 def shard(indices: np.ndarray, rank: int, replicas: int) -> np.ndarray:
@@ -405,6 +450,10 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaCom
     cmp = ReplicaComparison(rec.strategy, rec.framework, replicated.options.replicas, expected,
                             name if expected == "match" else "TRAP_MIN_GAP",
                             max_diff, replicated.replica_spread(), replicated.saved_matches())
+    if get_strategy(rec.strategy).bn_mode == "stored":  # no replica may update them
+        cmp.failures += [f"{where}: BN statistics on stored statistics must be the same on "
+                         f"every replica, bit for bit: {line}"
+                         for line in replicated.bn_mismatches()]
     if expected == "match" and max_diff > atol:
         cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected the "
                             f"single-process losses, differs by {max_diff:.3g} "
