@@ -61,10 +61,12 @@ __all__ = [
     "ReplicaOptions",
     "ReplicaRecord",
     "bench_replicas",
+    "bn_mismatches",
     "compare_replicas",
     "free_port",
     "inject_failure",
     "launch",
+    "merge_ranks",
     "parse_failure_injection",
     "replica_cells",
     "replica_expectation",
@@ -143,6 +145,12 @@ class ReplicaRecord:
         return max((float(np.max(np.abs(np.subtract(first[k], other[k]))))
                     for other in self.replica_bn[1:] for k in first), default=0.0)
 
+    def bn_mismatches(self, reference: dict[str, list[float]] | None = None) -> list[str]:
+        """How the replicas' BN statistics differ from ``reference`` (default replica 0's)
+        bit for bit, one line each; [] when all ``options.replicas`` of them are identical.
+        See :func:`bn_mismatches`."""
+        return bn_mismatches(self.replica_bn, reference, self.options.replicas)
+
     def saved_matches(self) -> list[str]:
         """Which replicas' statistics the saved ones are bit-identical to ("replica 0", ...)."""
         found = [f"replica {i}" for i, stats in enumerate(self.replica_bn)
@@ -153,6 +161,44 @@ class ReplicaRecord:
                             rtol=0, atol=tol.SAME_FRAMEWORK_ATOL) for k in self.saved_bn):
             found.append("mean of replicas")
         return found
+
+
+def bn_mismatches(replicas: list[dict[str, list[float]]],
+                  reference: dict[str, list[float]] | None = None,
+                  count: int | None = None) -> list[str]:
+    """Every way ``replicas`` (canonical key -> values, one dict per replica) are not
+    bit-identical to ``reference`` (default: replica 0's), one line each.
+
+    A spread of 0 says nothing when a replica is missing, holds no statistics or other
+    keys; so each replica must hold exactly the reference's keys (at least one), with the
+    same shape and the same float64 bits in every element (one float32 ulp is a
+    mismatch, as is -0.0 against 0.0). ``count``: how many replicas there must be.
+    """
+    lines = []
+    if count is not None and len(replicas) != count:
+        lines.append(f"BN statistics of {len(replicas)} replicas, expected {count}")
+    if reference is None:
+        reference = replicas[0] if replicas else {}
+    if not reference:
+        lines.append("no BN statistics to compare")
+    for i, stats in enumerate(replicas):
+        for what, keys in (("missing", reference.keys() - stats.keys()),
+                           ("unexpected", stats.keys() - reference.keys())):
+            if keys:
+                lines.append(f"replica {i}: {what} {', '.join(sorted(keys))}")
+        for key in sorted(reference.keys() & stats.keys()):
+            want = np.asarray(reference[key], np.float64)
+            got = np.asarray(stats[key], np.float64)
+            if want.shape != got.shape:
+                lines.append(f"replica {i}: {key} shape {got.shape}, expected {want.shape}")
+                continue
+            differ = np.flatnonzero(want.view(np.uint64) != got.view(np.uint64))
+            if differ.size:
+                j = int(differ[0])
+                lines.append(f"replica {i}: {key} differs in {differ.size} of {want.size} "
+                             f"elements (first at {j}: {float(got.flat[j])!r}, expected "
+                             f"{float(want.flat[j])!r})")
+    return lines
 
 
 def shard(indices: np.ndarray, rank: int, replicas: int) -> np.ndarray:
@@ -279,11 +325,21 @@ def launch(framework: str, entries: list[dict], replicas: int = REPLICAS,
             if not path.is_file():
                 raise DistributedError(f"{launcher}: rank {rank} exited 0 but wrote no result")
             results.append(json.loads(path.read_text(encoding="utf-8")))
-    merged = []
-    for i, result in enumerate(results[0]):
-        merged.append({**result, "launcher": launcher,
-                       "ranks": [r[i] for r in results]})
-    return merged
+    return merge_ranks(launcher, len(entries), results)
+
+
+def merge_ranks(launcher: str, entries: int, results: list[list[dict]]) -> list[dict]:
+    """Rank 0's result per entry, each with every rank's under ``"ranks"``.
+
+    Every rank must have written one result per entry: a short (or long) one is a
+    DistributedError naming the rank and both counts, never a truncated job.
+    """
+    for rank, result in enumerate(results):
+        if len(result) != entries:
+            raise DistributedError(f"{launcher}: rank {rank} wrote {len(result)} results for "
+                                   f"{entries} entries")
+    return [{**result, "launcher": launcher, "ranks": [r[i] for r in results]}
+            for i, result in enumerate(results[0])]
 
 
 def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
@@ -301,7 +357,7 @@ def run_job(framework: str, runs: dict[str, tuple[RunConfig, ReplicaOptions]],
     entries += [{"key": name, "kind": "probe"} for name in probes]
     results = launch(framework, entries, counts.pop(), timeout_s, env)
     out = {}
-    for entry, result in zip(entries, results):
+    for entry, result in zip(entries, results, strict=True):
         if entry["kind"] == "run":
             ranks = result["ranks"]
             out[entry["key"]] = ReplicaRecord.from_dict(
@@ -376,15 +432,28 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord) -> ReplicaCom
             single.config != rec.config:
         raise ValueError(f"compare_replicas: records are of different runs ({single.framework} "
                          f"{single.strategy} vs {rec.framework} {rec.strategy})")
-    diffs = [abs(a - b) for a, b in zip(single.train_losses, rec.train_losses)]
-    diffs += [abs(a - b) for a, b in zip(single.eval_losses, rec.eval_losses)]
-    diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout)]
+    where = f"{rec.strategy}[{rec.framework}] x{replicated.options.replicas}"
+    for what, ours, theirs in (("per-step losses", single.steps, rec.steps),
+                               ("held-out evaluations", single.heldout, rec.heldout)):
+        if len(ours) != len(theirs):  # zip would compare the common prefix and pass
+            short, long_ = (("replicated", "single-process") if len(theirs) < len(ours)
+                            else ("single-process", "replicated"))
+            raise ValueError(f"compare_replicas {where}: the {short} record is short: "
+                             f"{min(len(ours), len(theirs))} {what}, the {long_} record has "
+                             f"{max(len(ours), len(theirs))}")
+    diffs = [abs(a - b) for a, b in zip(single.train_losses, rec.train_losses, strict=True)]
+    diffs += [abs(a - b) for a, b in zip(single.eval_losses, rec.eval_losses, strict=True)]
+    diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout, strict=True)]
     max_diff = max(diffs, default=0.0)
     expected = replica_expectation(rec.strategy, rec.framework, replicated.options)
     name, atol = replica_tolerance(rec.strategy, replicated.options)
     cmp = ReplicaComparison(rec.strategy, rec.framework, replicated.options.replicas, expected,
                             name if expected == "match" else "TRAP_MIN_GAP",
                             max_diff, replicated.replica_spread(), replicated.saved_matches())
+    if get_strategy(rec.strategy).bn_mode == "stored":  # no replica may update them
+        cmp.failures += [f"{where}: BN statistics on stored statistics must be the same on "
+                         f"every replica, bit for bit: {line}"
+                         for line in replicated.bn_mismatches()]
     if expected == "match" and max_diff > atol:
         cmp.failures.append(f"{rec.strategy}[{rec.framework}] x{cmp.replicas}: expected the "
                             f"single-process losses, differs by {max_diff:.3g} "
@@ -508,7 +577,7 @@ def bench_replicas(framework: str, checkpoint: str, strategy: str = "frozen",
                 entries.append({"key": f"{kind}-{n}-{repeat}", "kind": "time",
                                 "config": asdict(config), "options": opts and asdict(opts)})
     results = launch(framework, entries, replicas, timeout_s)
-    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results)}
+    seconds = {e["key"]: r["seconds"] for e, r in zip(entries, results, strict=True)}
     per_step = {kind: [(seconds[f"{kind}-{long_}-{i}"] - seconds[f"{kind}-{short}-{i}"])
                        / (long_ - short) for i in range(repeats)]
                 for kind in ("single", "replicas")}

@@ -485,6 +485,61 @@ def test_audit_command_saved_keras_file(tmp_path, capsys):
         _run(str(corrupt))
 
 
+def _dropout_in_frozen_base() -> keras.Model:
+    base = _functional_base()
+    base.trainable = False  # BN goes to inference mode, Dropout does not
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.layers.Dense(2)(base(inputs)))
+
+
+def _training_false_on_trainable_base() -> keras.Model:
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.layers.Dense(2)(_functional_base()(inputs, training=False)))
+
+
+@pytest.mark.parametrize("build, code", [
+    (_dropout_in_frozen_base, "KERAS_DROPOUT_ACTIVE_IN_FROZEN"),
+    (_training_false_on_trainable_base, "KERAS_FUNCTIONAL_TRAINING_FALSE_IGNORED"),
+], ids=["dropout_in_frozen_base", "training_false_on_trainable_base"])
+def test_audit_cli_saved_keras_file_with_hazard_exits_1_printing_its_code(tmp_path, build, code):
+    """The hazard must survive saving and loading: it is read from the file, not the factory."""
+    path = tmp_path / "model.keras"
+    build().save(path)
+    done = cli("audit", path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{code} at base" in done.stdout and done.stderr == ""
+    as_json = cli("audit", path, "--json")
+    assert as_json.returncode == 1
+    assert [h["code"] for h in json.loads(as_json.stdout)["hazards"]] == [code]
+
+
+def _not_a_zip(path: Path) -> None:
+    path.write_text("not a zip")
+
+
+def _zip_without_config(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model.weights.h5", b"")
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (None, "no such file"),
+    (Path.mkdir, "no such file"),  # a directory named like a model is no file either
+    (_not_a_zip, "cannot load it as a Keras model (ValueError: "),
+    (_zip_without_config, "cannot load it as a Keras model (KeyError: "),
+], ids=["missing", "directory", "not_a_zip", "zip_without_config"])
+def test_audit_cli_bad_keras_file_exits_2_one_line_naming_the_file(tmp_path, make, fragment):
+    path = tmp_path / "model.keras"
+    if make is not None:
+        make(path)
+    done = cli("audit", path)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.endswith("\n"), done.stderr
+    assert done.stderr.startswith(f"freeze-parity audit: error: {path}: {fragment}"), done.stderr
+
+
 def test_audit_cli_json_naive_exits_1_names_the_hazard(in_repo):
     done = cli("audit", f"{FACTORIES}:naive_torch", "--json")
     assert done.returncode == 1, done.stderr

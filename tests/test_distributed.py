@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from shared import distributed as dist
-from shared.record import RunConfig
+from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.tolerances import REPLICA_STEP_ATOL, REPLICA_SYNC_BN_STEP_ATOL, TRAP_MIN_GAP
 
 STEPS = 5  # enough for batch statistics to move the losses well above TRAP_MIN_GAP
@@ -116,20 +117,110 @@ def test_failure_injection_parse_bad_value_raises_naming_variable():
         dist.parse_failure_injection("rank1")
 
 
+def _record(steps: int, heldout_at: tuple[int, ...], config: RunConfig) -> RunRecord:
+    """A hand-made frozen torch record: ``steps`` per-step losses, held-out at ``heldout_at``."""
+    return RunRecord("torch", "frozen", "tinyconv", asdict(config),
+                     steps=[StepRecord(i, 2.0 - 0.1 * i, 1.9 - 0.1 * i) for i in range(steps)],
+                     heldout=[HeldOut(s, 1.5, 0.5) for s in heldout_at])
+
+
+def _replicated(record: RunRecord, replica_bn=None) -> dist.ReplicaRecord:
+    bn = [{"base.block1.bn.running_mean": [0.5, -0.25]}] * 2 if replica_bn is None else replica_bn
+    return dist.ReplicaRecord(record, dist.ReplicaOptions(), "test launcher", replica_bn=bn,
+                              saved_bn=bn[0] if bn else {})
+
+
+@pytest.mark.parametrize("single, replicated, message", [
+    pytest.param((5, (0, 5)), (2, (0, 5)), "the replicated record is short: 2 per-step losses, "
+                 "the single-process record has 5", id="replicated-steps"),
+    pytest.param((2, (0, 5)), (5, (0, 5)), "the single-process record is short: 2 per-step "
+                 "losses, the replicated record has 5", id="single-steps"),
+    pytest.param((5, (0, 5)), (5, (0,)), "the replicated record is short: 1 held-out "
+                 "evaluations, the single-process record has 2", id="replicated-heldout"),
+])
+def test_compare_replicas_short_record_raises_naming_record_and_both_lengths(single, replicated,
+                                                                               message):
+    """A record cut short (a rank that stopped writing) must not be compared on its prefix."""
+    config = RunConfig(strategy="frozen", steps=5, checkpoint="x")
+    with pytest.raises(ValueError) as caught:
+        dist.compare_replicas(_record(*single, config), _replicated(_record(*replicated, config)))
+    assert str(caught.value) == f"compare_replicas frozen[torch] x2: {message}"
+
+
+@pytest.mark.parametrize("counts, rank", [((3, 2), 1), ((2, 3), 0)], ids=["rank1-short", "rank0-short"])
+def test_merge_ranks_rank_with_missing_results_raises_naming_rank_and_counts(counts, rank):
+    results = [[{"key": f"e{i}", "rank": r} for i in range(n)] for r, n in enumerate(counts)]
+    with pytest.raises(dist.DistributedError,
+                       match=fr"^L: rank {rank} wrote 2 results for 3 entries$"):
+        dist.merge_ranks("L", 3, results)
+    merged = dist.merge_ranks("L", 2, [r[:2] for r in results])
+    assert [[r["rank"] for r in m["ranks"]] for m in merged] == [[0, 1], [0, 1]]
+
+
+def _float32_stats(*values: float) -> list[float]:
+    """BN statistic values as a worker reports them: float32 values, widened to float64."""
+    return np.asarray(values, np.float32).astype(np.float64).tolist()
+
+
+def test_bn_mismatches_one_float32_ulp_on_rank_1_is_named():
+    rank0 = {"base.block1.bn.running_mean": _float32_stats(0.5, -0.25, 3.0),
+             "base.block1.bn.running_var": _float32_stats(1.5, 2.0, 0.75)}
+    rank1 = {k: list(v) for k, v in rank0.items()}
+    assert dist.bn_mismatches([rank0, rank1], count=2) == []
+    rank1["base.block1.bn.running_var"][2] = float(np.nextafter(np.float32(0.75), np.float32(1)))
+    assert dist.bn_mismatches([rank0, rank1], count=2) == [  # 0.75 + 2**-24: one float32 ulp
+        ("replica 1: base.block1.bn.running_var differs in 1 of 3 elements (first at 2: "
+         "0.7500000596046448, expected 0.75)")]
+    record = _replicated(_record(5, (0, 5), RunConfig(strategy="frozen", steps=5,
+                                                      checkpoint="x")), [rank0, rank1])
+    assert record.bn_mismatches() == dist.bn_mismatches([rank0, rank1])
+    cmp = dist.compare_replicas(record.record, record)  # stored statistics: a failure
+    assert cmp.failures == ["frozen[torch] x2: BN statistics on stored statistics must be the "
+                            "same on every replica, bit for bit: " + record.bn_mismatches()[0]]
+
+
+def test_bn_mismatches_missing_replica_empty_or_other_keys_are_mismatches():
+    """Where replica_spread() is 0: one replica, no statistics, keys that do not match."""
+    stats = {"base.block1.bn.running_mean": _float32_stats(0.5, -0.25)}
+    other = {"base.block2.bn.running_mean": _float32_stats(0.5, -0.25)}
+    assert dist.bn_mismatches([stats], count=2) == ["BN statistics of 1 replicas, expected 2"]
+    assert dist.bn_mismatches([{}, {}], count=2) == ["no BN statistics to compare"]
+    assert dist.bn_mismatches([stats, other]) == [
+        "replica 1: missing base.block1.bn.running_mean",
+        "replica 1: unexpected base.block2.bn.running_mean"]
+    assert dist.bn_mismatches([stats, {"base.block1.bn.running_mean": [0.5]}]) == [
+        "replica 1: base.block1.bn.running_mean shape (1,), expected (2,)"]
+    assert dist.bn_mismatches([stats, stats], reference=other) == [
+        f"replica {i}: {what} base.block{b}.bn.running_mean"
+        for i in (0, 1) for what, b in (("missing", 2), ("unexpected", 1))]
+
+
 # --- torch DDP against one process ------------------------------------------------------
+
+
+def _checkpoint_bn(checkpoint) -> dict[str, list[float]]:
+    """The starting checkpoint's BN statistics (the hand-listed tinyconv keys): what every
+    replica of a stored-statistics run must still hold, bit for bit."""
+    from strategy_oracle import TINY_BN_STATS
+
+    from shared.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(checkpoint)
+    return {k: np.asarray(tensors[k], np.float64).tolist() for k in TINY_BN_STATS}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["frozen", "feature_extraction", "partial"])
 def test_ddp_stored_bn_strategy_matches_single_process_losses(replica_runs, run_record, strategy,
-                                                             record_property):
+                                                             tinyconv_checkpoint, record_property):
     replicated = replica_runs["torch"][strategy]
     cmp = dist.compare_replicas(_single(run_record, "torch", strategy), replicated)
     record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_STEP_ATOL
     assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]  # it learned
-    assert replicated.replica_spread() == 0.0  # stored statistics: nothing to drift
+    # stored statistics: both ranks still hold the checkpoint's, bit for bit
+    assert replicated.bn_mismatches(_checkpoint_bn(tinyconv_checkpoint)) == []
 
 
 @pytest.mark.slow
@@ -158,7 +249,7 @@ def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(repl
     on, off = replica_runs["torch"]["full"], replica_runs["torch"]["full_no_broadcast"]
     rank0 = on.replica_bn[0]
     after = on.extra[1]["bn_after_one_more_forward"]
-    assert all(np.array_equal(after[k], rank0[k]) for k in rank0)
+    assert dist.bn_mismatches([after], reference=rank0) == []  # rank 0's, bit for bit
     kept = off.extra[1]["bn_after_one_more_forward"]
     spread = max(float(np.max(np.abs(np.subtract(kept[k], off.replica_bn[0][k])))) for k in kept)
     assert spread > TRAP_MIN_GAP, f"broadcast_buffers=False: rank 1 still {spread:.3g} from rank 0"
@@ -210,13 +301,16 @@ def test_ddp_sync_batchnorm_training_forward_on_cpu_raises_in_process_group(repl
 
 
 @pytest.mark.slow
-def test_mirrored_frozen_matches_single_process_losses(replica_runs, run_record, record_property):
+def test_mirrored_frozen_matches_single_process_losses(replica_runs, run_record,
+                                                       tinyconv_checkpoint, record_property):
     replicated = replica_runs["tf"]["frozen"]
     cmp = dist.compare_replicas(_single(run_record, "tf", "frozen"), replicated)
     record_property("measured", cmp.max_diff)
     assert cmp.expected == "match" and cmp.ok, cmp.failures
     assert cmp.max_diff <= REPLICA_STEP_ATOL
     assert replicated.record.train_losses[0] > replicated.record.train_losses[-1]
+    # stored statistics: both replica copies still hold the checkpoint's, bit for bit
+    assert replicated.bn_mismatches(_checkpoint_bn(tinyconv_checkpoint)) == []
 
 
 @pytest.mark.slow
@@ -229,7 +323,7 @@ def test_mirrored_full_differs_from_single_process(replica_runs, run_record, rec
 
 @pytest.mark.slow
 def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_record,
-                                                             record_property):
+                                                             tinyconv_checkpoint, record_property):
     synced = replica_runs["tf"]["full_sync"]
     cmp = dist.compare_replicas(_single(run_record, "tf", "full"), synced)
     record_property("measured", cmp.max_diff)
@@ -237,7 +331,9 @@ def test_mirrored_full_synchronized_bn_matches_single_process(replica_runs, run_
     assert cmp.max_diff <= REPLICA_SYNC_BN_STEP_ATOL
     unsynced = dist.compare_replicas(_single(run_record, "tf", "full"), replica_runs["tf"]["full"])
     assert cmp.max_diff < TRAP_MIN_GAP < unsynced.max_diff  # the flag is what closes the gap
-    assert synced.replica_spread() == 0.0  # every replica stored the global batch's moments
+    # every replica stored the global batch's moments: both copies identical, bit for bit
+    assert synced.bn_mismatches() == []
+    assert set(synced.replica_bn[0]) == set(_checkpoint_bn(tinyconv_checkpoint))
 
 
 @pytest.mark.slow

@@ -115,12 +115,25 @@ def test_freeze_guard_tf_frozen_fit_silent():
     assert not any(name.startswith("head.") for name in watched)
 
 
+# Every variable of the frozen tinyconv base, by hand: what a step must leave bit-identical
+# when the base is frozen and its BatchNorms do not update their moving statistics.
+TF_TINY_BASE = {f"base.block{i}.{name}" for i in (1, 2, 3)
+                for name in ("conv.kernel", "bn.gamma", "bn.beta", "bn.moving_mean",
+                             "bn.moving_variance")}
+
+
 def test_freeze_guard_tf_naive_legacy_bn_silent():
-    # Keras's classic mistake changes the loss, not the frozen tensors (strategies.py "naive").
+    # Keras's classic mistake changes the loss, not the frozen tensors (strategies.py "naive"):
+    # legacy BN normalises with batch statistics but never writes its moving statistics.
     norm = default_norm_layer(arch_config("tinyconv"), LegacyBatchNormalization)
     model = _compile(tf_apply(tf_build("tinyconv", CLASSES, norm_layer=norm), "naive"))
-    with tf_audit.freeze_guard(model):
+    head = {"head.fc.kernel": model.head.fc.kernel, "head.fc.bias": model.head.fc.bias}
+    head_before = {name: v.numpy() for name, v in head.items()}
+    with tf_audit.freeze_guard(model) as watched:
         _fit_tf(model)
+    assert set(watched) == TF_TINY_BASE
+    unchanged = [name for name, v in head.items() if np.array_equal(head_before[name], v.numpy())]
+    assert unchanged == [], f"the step did not train {unchanged}"
 
 
 # --- torch: tensors replaced inside the block, read again by name on exit -----------------------

@@ -44,13 +44,44 @@ def test_port_command_broken_pair_exit_1_table_findings_json_and_figure(tmp_path
     assert (out / "port.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_port_command_good_pair_with_torch_weights_file_exit_0(tmp_path, capsys):
-    weights = tmp_path / "torch.pth"
-    torch.save(pp.good_torch().state_dict(), weights)
-    code = _port(f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", *SHAPE, "--transfer", "torch",
-                 "--steps", "1", "--torch-weights", str(weights))
-    assert code == 0, capsys.readouterr().out
-    assert "0 findings" in capsys.readouterr().out
+def _weights_file(path: Path, shift: float) -> dict:
+    """good_torch's state_dict with every float tensor moved by ``shift`` (BN variances stay
+    positive), saved to ``path``: weights the factory alone never builds."""
+    state = {k: (v + shift if v.is_floating_point() else v.clone())
+             for k, v in pp.good_torch().state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def test_port_command_good_pair_with_torch_weights_file_exit_0_runs_on_the_files_weights(
+        tmp_path, capsys, monkeypatch):
+    """The model checked holds the file's values (not the factory's), and another file gives
+    another run: a loader that checks the keys but ignores the values fails both."""
+    import shared.port
+
+    checked = []  # the torch model's state_dict as check_port receives it
+    real_check = shared.port.check_port
+
+    def check_port(keras_model, torch_model, **kwargs):
+        checked.append({k: v.detach().clone() for k, v in torch_model.state_dict().items()})
+        return real_check(keras_model, torch_model, **kwargs)
+
+    monkeypatch.setattr(shared.port, "check_port", check_port)
+    steps = {}
+    for name, shift in (("a", 0.25), ("b", -0.125)):
+        weights, report = tmp_path / f"{name}.pth", tmp_path / f"{name}.json"
+        written = _weights_file(weights, shift)
+        code = _port(f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", *SHAPE, "--transfer", "torch",
+                     "--steps", "1", "--torch-weights", str(weights), "--json", str(report))
+        out = capsys.readouterr().out
+        assert code == 0 and "0 findings" in out, out
+        loaded = checked.pop()
+        assert loaded.keys() == written.keys()
+        differ = [k for k in written if not torch.equal(loaded[k], written[k])]
+        assert differ == [], f"{weights.name}: the checked model does not hold the file's {differ}"
+        steps[name] = json.loads(report.read_text())["steps"]
+    assert steps["a"][0]["torch_train"] != steps["b"][0]["torch_train"]
+    assert steps["a"][0]["keras_train"] != steps["b"][0]["keras_train"]  # transferred too
 
 
 @pytest.mark.parametrize("keras_target, torch_target, extra, match", [

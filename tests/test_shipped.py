@@ -1,4 +1,4 @@
-"""The pretrained tinyconv checkpoint that ships in the package: hash, recipe, use."""
+"""The pretrained tinyconv checkpoint that ships in the package: hash, recipe, use, remaking it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from cli_inprocess import cli
 
-from shared import data, shipped
+from shared import data, pretrain, shipped
 from shared.checkpoint import CheckpointError, load_checkpoint
-from shared.pretrain import MIN_SOURCE_ACCURACY, PretrainConfig
+from shared.pretrain import MIN_SOURCE_ACCURACY, PretrainConfig, stack_versions
 from shared.shipped import SHIPPED_DIR, recipe_path, shipped_checkpoint
 
 # The issue's budget for a file inside the package: "a few hundred KB" (it is 62 KB).
@@ -92,3 +92,91 @@ def test_cli_altered_shipped_checkpoint_exit_2_one_line(tmp_path, monkeypatch):
     assert len(lines) == 1 and str(path) in lines[0] and _recipe()["sha256"] in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not out.exists() or list(out.iterdir()) == []
+
+
+# --- remaking it: ship() and `freeze-parity pretrain --ship`, into a temporary directory ---------
+
+# every field of a recipe, by hand (shared/shipped.py's docstring: config, command, versions,
+# held-out source accuracy, the file's sha256)
+RECIPE_FIELDS = {"file", "sha256", "size_bytes", "arch", "made_by", "pretrain_config",
+                 "versions", "source_test_accuracy", "source_test_loss"}
+SHORT_EPOCHS = 1  # the default recipe, one epoch instead of twenty: a second, not a minute
+
+
+@pytest.fixture
+def short_recipe(monkeypatch):
+    """The default tinyconv pretraining shortened to SHORT_EPOCHS; the package's shipped files
+    must be byte-identical afterwards."""
+    monkeypatch.setitem(pretrain.DEFAULT_EPOCHS, "tinyconv", SHORT_EPOCHS)
+    package = {p.name: p.read_bytes() for p in SHIPPED_DIR.iterdir()}
+    yield
+    assert {p.name: p.read_bytes() for p in SHIPPED_DIR.iterdir()} == package
+
+
+def _check_shipped_pair(directory, recipe: dict) -> None:
+    """The checkpoint and its JSON recipe in ``directory`` agree with each other and with a
+    measurement; the loader accepts the file, and refuses it after one byte changes."""
+    from torch_impl import model as torch_model
+    from torch_impl import train as torch_train
+    from torch_impl import weights as torch_weights
+
+    assert sorted(p.name for p in directory.iterdir()) == ["tinyconv-source.json",
+                                                           "tinyconv-source.safetensors"]
+    assert json.loads((directory / "tinyconv-source.json").read_text()) == recipe
+    assert set(recipe) == RECIPE_FIELDS
+    path = directory / "tinyconv-source.safetensors"
+    assert recipe["file"] == path.name and recipe["arch"] == "tinyconv"
+    assert recipe["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert recipe["size_bytes"] == path.stat().st_size
+    assert recipe["made_by"] == "freeze-parity pretrain --ship --framework torch"
+    assert recipe["pretrain_config"]["epochs"] == SHORT_EPOCHS
+    assert recipe["pretrain_config"] == asdict(PretrainConfig(arch="tinyconv",
+                                                              epochs=SHORT_EPOCHS))
+    assert recipe["versions"] == stack_versions() and {"torch", "keras", "numpy"} <= set(
+        recipe["versions"])
+    tensors, meta = load_checkpoint(path)
+    assert meta["arch"] == "tinyconv"
+    assert json.loads(meta["pretrain_config"]) == recipe["pretrain_config"]
+    # measured again from the file: the recipe's held-out source scores are this checkpoint's
+    x_torch = torch_model.build_model("tinyconv", len(data.SOURCE_CLASSES))
+    torch_weights.import_weights(x_torch, tensors)
+    loss, accuracy = torch_train.evaluate(x_torch, data.load_domains().source_test)
+    assert (recipe["source_test_accuracy"], recipe["source_test_loss"]) == (
+        round(accuracy, 6), round(loss, 6))
+    assert shipped_checkpoint("tinyconv", directory=directory) == path
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit inside the tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"sha256 .* does not match the expected "
+                                              f"{recipe['sha256']}"):
+        shipped_checkpoint("tinyconv", directory=directory)
+
+
+def test_ship_writes_checkpoint_and_recipe_that_agree_and_load(tmp_path, short_recipe):
+    directory = tmp_path / "pretrained"
+    recipe = shipped.ship("tinyconv", directory=directory)
+    _check_shipped_pair(directory, recipe)
+
+
+def test_cli_pretrain_ship_writes_into_the_ship_directory_and_prints_it(tmp_path, short_recipe,
+                                                                        monkeypatch):
+    """``freeze-parity pretrain --ship`` through shared.cli.main, the ship directory pointed at
+    a temporary one."""
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    done = cli("pretrain", "--ship")
+    assert done.returncode == 0, done.stdout + done.stderr
+    recipe = json.loads((tmp_path / "tinyconv-source.json").read_text())
+    assert done.stdout == (f"shipped tinyconv: {tmp_path / 'tinyconv-source.safetensors'} sha256 "
+                           f"{recipe['sha256']}, held-out source accuracy "
+                           f"{recipe['source_test_accuracy']:.4f}\n")
+    _check_shipped_pair(tmp_path, recipe)
+
+
+@pytest.mark.parametrize("extra", [["--epochs", "1"], ["--out", "x.safetensors"]])
+def test_cli_pretrain_ship_with_epochs_or_out_exit_2_one_line(tmp_path, extra, monkeypatch):
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    done = cli("pretrain", "--ship", *extra)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("freeze-parity pretrain: error: --ship uses the default recipe and "
+                           "location: no --epochs or --out\n")
+    assert list(tmp_path.iterdir()) == []

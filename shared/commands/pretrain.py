@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from shared import shipped
 from shared.archs import ARCHS
 from shared.errors import UsageError
 from shared.frameworks import FRAMEWORKS
@@ -15,7 +16,6 @@ from shared.pretrain import (
     checkpoint_path,
     pretrain,
 )
-from shared.shipped import SHIPPED_DIR, ship
 
 
 def add_parser(parser) -> None:
@@ -38,9 +38,11 @@ def run(args) -> int:
     if args.ship:
         if args.epochs is not None or args.out is not None:
             raise UsageError("--ship uses the default recipe and location: no --epochs or --out")
-        recipe = ship(args.arch, framework=args.framework)
-        print(f"shipped {args.arch}: {SHIPPED_DIR / recipe['file']} sha256 {recipe['sha256']}, "
-              f"held-out source accuracy {recipe['source_test_accuracy']:.4f}")
+        recipe = shipped.ship(args.arch, framework=args.framework)
+        # the directory ship() wrote to (read now, not when this module was imported)
+        print(f"shipped {args.arch}: {shipped.SHIPPED_DIR / recipe['file']} sha256 "
+              f"{recipe['sha256']}, held-out source accuracy "
+              f"{recipe['source_test_accuracy']:.4f}")
         return 0
     config = PretrainConfig(arch=args.arch, framework=args.framework, epochs=args.epochs)
     out = args.out or checkpoint_path(config)
