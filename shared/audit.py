@@ -96,10 +96,12 @@ HAZARDS: dict[str, HazardKind] = {
         "rebuild the optimizer from the current trainable parameters after unfreezing"),
     "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS": HazardKind(
         "torch",
-        "a DistributedDataParallel model with broadcast_buffers=True whose frozen BatchNorm runs "
-        "on batch statistics in training: each rank normalises with its own shard's statistics "
-        "and updates its running statistics from it, and every forward then overwrites all "
-        "ranks' statistics with rank 0's, so what is saved was learned from rank 0's shards only",
+        "a DistributedDataParallel model that copies rank 0's buffers at every forward "
+        "(forward_sync_buffers=True, DDP's default, or the deprecated broadcast_buffers=True) "
+        "whose frozen BatchNorm runs on batch statistics in training: each rank normalises with "
+        "its own shard's statistics and updates its running statistics from it, and every "
+        "forward then overwrites all ranks' statistics with rank 0's, so what is saved was "
+        "learned from rank 0's shards only",
         "keep the frozen part in eval mode through every train() (pin it, as "
         "torch_impl.model.FineTuneModel.pin_inference does) or use "
         "torchvision.ops.FrozenBatchNorm2d: then there are no batch statistics to broadcast"),

@@ -4,18 +4,19 @@ Each subcommand lives in ``shared/commands/<name>.py`` with ``add_parser``
 and ``run(args) -> int``. Framework code is loaded lazily through
 :mod:`shared.frameworks` (torch before TensorFlow), so ``--help`` is fast
 and no import order can segfault. Bad input ends with one line on stderr
-and exit status 2, never a traceback (set FREEZE_PARITY_DEBUG=1 to see one).
+and exit status 2, never a traceback (set FREEZE_PARITY_DEBUG=1 to see one, and
+the frameworks' start-up log that :mod:`shared.quiet` keeps off stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from shared import __version__
 from shared.errors import UsageError
+from shared.quiet import debug_requested
 
 COMMANDS = {
     "pretrain": "pretrain tinyconv/resnet18 on the source domain and cache the checkpoint",
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (UsageError, ValueError, OSError) as exc:
-        if os.environ.get("FREEZE_PARITY_DEBUG"):
+        if debug_requested():
             raise
         # printed as raised: the code that raises writes one line (tests check the raw stderr)
         print(f"freeze-parity {args.command}: error: {exc}", file=sys.stderr)

@@ -99,7 +99,11 @@ class DistributedError(ValueError):
 @dataclass(frozen=True)
 class ReplicaOptions:
     replicas: int = REPLICAS
-    # torch DDP: broadcast rank 0's buffers (BN statistics) to every rank at each forward
+    # torch DDP: copy rank 0's buffers (BN statistics) to every rank at each forward. Passed as
+    # forward_sync_buffers where the installed torch has it (2.14 deprecates broadcast_buffers),
+    # else as broadcast_buffers (torch_impl.distributed.BUFFER_SYNC_FLAG). False under
+    # forward_sync_buffers still copies them once, when DDP wraps the model: every rank
+    # loads the same checkpoint, so that copy changes nothing in these runs
     broadcast_buffers: bool = True
     # torch DDP: look for parameters that got no gradient after each backward
     find_unused_parameters: bool = False

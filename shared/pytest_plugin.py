@@ -6,7 +6,11 @@ framework at load time: the fixtures import the matching ``*_impl`` package
 only when first used, through :func:`shared.frameworks.load` (torch first).
 With the pinned wheels TensorFlow imported before torchvision segfaults; a
 suite that imports Keras at module level should ``import torch_impl`` first
-(e.g. at the top of its conftest.py).
+(e.g. at the top of its conftest.py). TensorFlow's start-up log (absl's preamble,
+"oneDNN custom operations are on", written to fd 2 while TensorFlow is imported)
+stays out of the run's output wherever the suite imports it: the plugin makes
+TensorFlow's first import quiet (:func:`shared.quiet.install_quiet_import`;
+``FREEZE_PARITY_DEBUG=1`` shows the log).
 
 Fixtures:
 
@@ -33,9 +37,22 @@ from __future__ import annotations
 import pytest
 
 from shared.audit import FrozenTensorChanged, framework_of
+from shared.quiet import install_quiet_import
 
 __all__ = ["FrozenTensorChanged", "assert_port_matches", "assert_train_eval_match",
            "freeze_audit", "freeze_guard"]
+
+
+_UNDO_QUIET = pytest.StashKey()
+
+
+def pytest_configure(config):
+    # a suite's `import keras` imports TensorFlow: its first import is quiet
+    config.stash[_UNDO_QUIET] = install_quiet_import(("tensorflow",))
+
+
+def pytest_unconfigure(config):
+    config.stash.get(_UNDO_QUIET, lambda: None)()
 
 
 def _impl(model):

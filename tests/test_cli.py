@@ -2,9 +2,9 @@
 
 In-process through ``shared.cli.main`` (what the console script calls) where the
 test is about what a command does; one real subprocess where it is about the
-process (exit status and the raw stderr a user sees). stderr is checked as
-printed: the CLI prints an error message as raised, so a message that spans
-lines fails here.
+process (exit status and the raw stderr a user sees, with TensorFlow's
+start-up log forced on). stderr is checked as printed: the CLI prints an error
+message as raised, so a message that spans lines fails here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from cli_inprocess import cli as cli_inprocess
 from shared import __version__, cli
 from shared.checkpoint import load_checkpoint
 from shared.pretrain import MIN_SOURCE_ACCURACY
+from shared.quiet import DEBUG_ENV, LOG_PREAMBLE, split_framework_log
 from shared.record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,16 +145,52 @@ def test_cli_run_bad_learning_rate_one_line_before_training(tmp_path, monkeypatc
                     "learning_rate must be a positive number, got -1.0")
 
 
-def test_cli_run_console_script_missing_checkpoint_one_raw_line(tmp_path):
-    """The real process: exit 2, one raw stderr line, no traceback, nothing on stdout."""
+# TensorFlow enables oneDNN by default on many x86 CPUs and then writes its start-up log to
+# fd 2 (shared/quiet.py); forced on here, so these tests see that log on any x86 CPU
+ONEDNN_ON = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+START_UP_LOG_MARKERS = ("absl::InitializeLog", "oneDNN custom operations are on")
+
+
+def _console_script(argv, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("freeze-parity")
+    run_env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    return subprocess.run([str(script), *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, check=False, env={**run_env, **env})
+
+
+def _no_framework_log(stream: str) -> None:
+    assert not any(marker in stream for marker in START_UP_LOG_MARKERS), stream
+    assert split_framework_log(stream)[1] == "", stream
+
+
+def test_cli_run_console_script_missing_checkpoint_one_raw_line(tmp_path):
+    """The real process, oneDNN on: exit 2, one raw stderr line (no framework log line), no
+    traceback, nothing on stdout."""
     missing = tmp_path / "missing.safetensors"
-    # raised after both frameworks are imported and the data is loaded
-    done = subprocess.run([str(script), *_run_argv(missing)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, check=False)
+    argv = ["run", "--framework", "tf", "--strategy", "frozen", "--checkpoint", missing]
+    # raised after both frameworks are imported (tf_impl imports torch_impl first)
+    done = _console_script(argv, ONEDNN_ON)
     assert done.returncode == 2 and done.stdout == "", done.stderr
     _one_error_line(done.stderr, "run", str(missing))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_compare_console_script_no_framework_log_unless_debug(tmp_path):
+    """What make demo runs, short, oneDNN on: both frameworks imported and trained, reports
+    written, and no framework log line on stdout or stderr; FREEZE_PARITY_DEBUG=1 shows it."""
+    argv = ["compare", "--strategies", "frozen", "--steps", "2", "--quiet"]
+    with ThreadPoolExecutor(2) as pool:  # two fresh interpreters: start them together
+        plain, debug = pool.map(
+            lambda case: _console_script([*argv, "--out", tmp_path / case[0]], case[1]),
+            [("plain", ONEDNN_ON), ("debug", {**ONEDNN_ON, DEBUG_ENV: "1"})])
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert plain.stderr == "" and plain.stdout.startswith("freeze-parity compare: "), plain.stderr
+    _no_framework_log(plain.stdout)
+    assert (tmp_path / "plain" / "report.json").is_file()
+    assert debug.returncode == 0, debug.stdout + debug.stderr
+    log = split_framework_log(debug.stderr)[1]
+    assert log.count(LOG_PREAMBLE) == 2 and log.count("oneDNN custom operations are on") == 2, log
 
 
 # --- pretrain ---------------------------------------------------------------------------------

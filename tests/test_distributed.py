@@ -11,11 +11,13 @@ launches test the failure paths: a rank that dies mid-run, a rank that hangs.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +33,8 @@ from shared.tolerances import REPLICA_STEP_ATOL, REPLICA_SYNC_BN_STEP_ATOL, TRAP
 
 STEPS = 5  # enough for batch statistics to move the losses well above TRAP_MIN_GAP
 REPO = Path(__file__).resolve().parents[1]
-TORCH_PROBES = ("ddp_no_trainable", "ddp_unused_parameters", "ddp_sync_batchnorm_cpu")
+TORCH_PROBES = ("ddp_no_trainable", "ddp_unused_parameters", "ddp_sync_batchnorm_cpu",
+                "ddp_buffer_flags")
 TF_PROBES = ("keras_data_parallel", "keras_audit_mirrored")
 MARK = "FREEZE_PARITY_TEST_MARK"
 FIXTURE_TOKEN = uuid.uuid4().hex
@@ -241,19 +244,106 @@ def test_ddp_saved_bn_stats_are_rank_0s_and_differ_from_rank_1s(replica_runs, re
     assert full.replica_spread() > TRAP_MIN_GAP  # rank 1 updated them from its own shard
 
 
+def _spread(a: dict | list, b: dict | list) -> float:
+    """Largest |a - b| over BN statistics (a dict of lists, or one flat list)."""
+    if isinstance(a, dict):
+        return max((_spread(a[k], b[k]) for k in a), default=0.0)
+    return float(np.max(np.abs(np.subtract(a, b))))
+
+
 @pytest.mark.slow
-def test_ddp_broadcast_buffers_true_overwrites_rank_1_bn_stats_with_rank_0s(replica_runs,
-                                                                          record_property):
-    """Trap: with the default broadcast_buffers=True, any forward (eval mode, no_grad) copies
-    rank 0's BN statistics to every rank; with False each rank keeps its own."""
+def test_ddp_forward_buffer_sync_overwrites_rank_1_bn_stats_with_rank_0s(replica_runs,
+                                                                        record_property):
+    """Trap: with DDP's default (forward_sync_buffers=True, or the deprecated
+    broadcast_buffers=True), any forward (eval mode, no_grad) copies rank 0's BN statistics to
+    every rank; with False each rank keeps its own. The runs pass the installed torch's flag,
+    and every rank starts from the same statistics, so DDP's copy at the wrap changes nothing."""
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
     on, off = replica_runs["torch"]["full"], replica_runs["torch"]["full_no_broadcast"]
+    assert [e["ddp_buffer_sync"] for e in on.extra + off.extra] == (
+        [f"{BUFFER_SYNC_FLAG}=True"] * 2 + [f"{BUFFER_SYNC_FLAG}=False"] * 2)
+    for run in (on, off):
+        assert _spread(run.extra[0]["bn_at_wrap"], run.extra[1]["bn_at_wrap"]) == 0.0
     rank0 = on.replica_bn[0]
     after = on.extra[1]["bn_after_one_more_forward"]
     assert dist.bn_mismatches([after], reference=rank0) == []  # rank 0's, bit for bit
     kept = off.extra[1]["bn_after_one_more_forward"]
-    spread = max(float(np.max(np.abs(np.subtract(kept[k], off.replica_bn[0][k])))) for k in kept)
-    assert spread > TRAP_MIN_GAP, f"broadcast_buffers=False: rank 1 still {spread:.3g} from rank 0"
+    spread = _spread(kept, off.replica_bn[0])
+    assert spread > TRAP_MIN_GAP, f"{BUFFER_SYNC_FLAG}=False: rank 1 still {spread:.3g} from rank 0"
     record_property("measured", f"after one more forward: True 0.0, False {spread:.3g}")
+
+
+def _flag_stages(replica_runs) -> dict[str, dict[str, float]]:
+    """Per way of passing DDP's buffer flag: rank 1's BN statistics' distance from rank 0's at
+    each stage of the probe, and from its own before the wrap / after its local update."""
+    rank0, rank1 = replica_runs["torch"]["ddp_buffer_flags"]["ranks"]
+    out = {}
+    for name in rank0:
+        a, b = rank0[name], rank1[name]
+        out[name] = {stage: _spread(a[stage], b[stage]) for stage in
+                     ("before_wrap", "after_wrap", "after_local_update", "after_forward")}
+        out[name]["wrap_kept_own"] = _spread(b["before_wrap"], b["after_wrap"])
+        out[name]["forward_kept_own"] = _spread(b["after_local_update"], b["after_forward"])
+    return out
+
+
+def _torch_settings() -> list[str]:
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
+    names = ["default", "broadcast_buffers=True", "broadcast_buffers=False"]
+    return names + (["forward_sync_buffers=True", "forward_sync_buffers=False"]
+                    if BUFFER_SYNC_FLAG == "forward_sync_buffers" else [])
+
+
+@pytest.mark.slow
+def test_ddp_buffer_flags_wrap_copies_rank_0s_buffers_except_broadcast_buffers_false(
+        replica_runs, record_property):
+    """Trap (torch 2.14.1): at initialisation DDP copies rank 0's buffers to every rank under
+    every setting but broadcast_buffers=False; forward_sync_buffers=False still copies them."""
+    stages = _flag_stages(replica_runs)
+    assert list(stages) == _torch_settings()
+    for name, s in stages.items():
+        assert s["before_wrap"] > TRAP_MIN_GAP, (name, s)  # rank-local statistics to start from
+        if name == "broadcast_buffers=False":
+            assert s["after_wrap"] == s["before_wrap"] and s["wrap_kept_own"] == 0.0, s
+        else:
+            assert s["after_wrap"] == 0.0, (name, s)
+    record_property("measured", {n: (s["before_wrap"], s["after_wrap"]) for n, s in stages.items()})
+
+
+@pytest.mark.slow
+def test_ddp_buffer_flags_every_forward_copies_rank_0s_buffers_unless_false(replica_runs,
+                                                                           record_property):
+    """Trap (torch 2.14.1): after a rank-local update, one more forward of the wrapped model
+    (eval mode, no_grad) copies rank 0's buffers under the default and either flag True; under
+    either flag False rank 1 keeps its own, bit for bit."""
+    stages = _flag_stages(replica_runs)
+    for name, s in stages.items():
+        assert s["after_local_update"] > TRAP_MIN_GAP, (name, s)
+        if name.endswith("=False"):
+            assert s["after_forward"] == s["after_local_update"], (name, s)
+            assert s["forward_kept_own"] == 0.0, (name, s)
+        else:
+            assert s["after_forward"] == 0.0, (name, s)
+    record_property("measured", {n: (s["after_local_update"], s["after_forward"])
+                                 for n, s in stages.items()})
+
+
+@pytest.mark.slow
+def test_ddp_broadcast_buffers_warns_future_warning_forward_sync_buffers_does_not(replica_runs):
+    """Trap (torch 2.14.1): passing broadcast_buffers at all (True or False) warns; the
+    default and forward_sync_buffers do not (where torch has it: else nothing warns)."""
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
+    for rank in replica_runs["torch"]["ddp_buffer_flags"]["ranks"]:
+        for name, stages in rank.items():
+            warned = stages["future_warnings"]
+            if name.startswith("broadcast_buffers") and BUFFER_SYNC_FLAG != "broadcast_buffers":
+                assert len(warned) == 1 and "forward_sync_buffers" in warned[0], (name, warned)
+                assert "still syncs buffers at init" in warned[0], warned
+            else:
+                assert warned == [], (name, warned)
 
 
 @pytest.mark.slow
@@ -429,11 +519,50 @@ def test_audit_ddp_broadcast_with_frozen_bn_on_batch_stats_flags_hazard(one_rank
     hazard = next(h for h in report.hazards if h.code == "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS")
     assert hazard.layers == ("module.base.block1.bn", "module.base.block2.bn", "module.base.block3.bn")
     assert "rank 0" in hazard.message and "eval" in hazard.fix
-    # the fixes: stored statistics (pinned eval), or no broadcast
+    # the fixes: stored statistics (pinned eval), or no buffer sync at each forward
     assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" not in audit(
         DistributedDataParallel(_tinyconv("frozen"))).codes()
-    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" not in audit(
-        DistributedDataParallel(_tinyconv("naive"), broadcast_buffers=False)).codes()
+
+
+@pytest.mark.parametrize("flag", ["forward_sync_buffers", "broadcast_buffers"])
+def test_audit_ddp_buffer_hazard_follows_either_flag(one_rank_group, flag):
+    """The hazard reads what DDP will do, whichever keyword built it (torch 2.14 stores the
+    deprecated broadcast_buffers as forward_sync_buffers, and warns)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from torch_impl.audit import audit
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
+    if flag not in inspect.signature(DistributedDataParallel).parameters:
+        pytest.skip(f"this torch's DistributedDataParallel has no {flag}")
+    deprecated = flag == "broadcast_buffers" and BUFFER_SYNC_FLAG != flag
+    codes = {}
+    for sync in (True, False):
+        with pytest.warns(FutureWarning, match="broadcast_buffers") if deprecated else \
+                warnings.catch_warnings():
+            if not deprecated:
+                warnings.simplefilter("error", FutureWarning)
+            wrapped = DistributedDataParallel(_tinyconv("naive"), **{flag: sync})
+        codes[sync] = audit(wrapped).codes()
+    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" in codes[True]
+    assert "TORCH_DDP_BROADCAST_FROZEN_BATCH_STATS" not in codes[False]
+
+
+def test_replica_wrap_passes_installed_torchs_buffer_flag_without_future_warning(one_rank_group):
+    """What the data-parallel runs build: DDP with the installed torch's buffer keyword, and no
+    FutureWarning (torch 2.14 warns for broadcast_buffers)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from torch_impl.distributed import BUFFER_SYNC_FLAG, Replica
+
+    has_new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    assert BUFFER_SYNC_FLAG == ("forward_sync_buffers" if has_new else "broadcast_buffers")
+    for sync in (True, False):
+        model = _tinyconv("frozen")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            wrapped = Replica(dist.ReplicaOptions(broadcast_buffers=sync), 0, 1).wrap(model, model)
+        assert getattr(wrapped, BUFFER_SYNC_FLAG) is sync
 
 
 def test_torch_convert_sync_batchnorm_keeps_eval_pin_and_requires_grad():
@@ -503,6 +632,9 @@ def test_cli_run_replicas_prints_replica_summary_and_writes_replica_record(
     assert calls == [("torch", _config(tinyconv_checkpoint, "full"), dist.ReplicaOptions())]
     assert status == 0, text
     assert "2 replicas x 16" in text and "saved statistics = replica 0" in text
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
+    assert "gloo, 127.0.0.1:" in text and f", DDP({BUFFER_SYNC_FLAG}=True);" in text  # which flag
     saved = dist.ReplicaRecord.from_dict(__import__("json").loads(out.read_text()))
     assert saved.replica_bn == expected.replica_bn and saved.record.steps == expected.record.steps
 

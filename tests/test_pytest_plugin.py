@@ -1,10 +1,10 @@
 """The pytest plugin: loaded by entry point without importing a framework; its fixtures work.
 
 ``tests/examples/user_suite_example.py`` is a user's suite (the README example):
-it is run with pytester in this process (the frameworks are imported already,
-torch first), and its two frozen tests must pass and its two naive-torch tests
-must fail, each with the plugin's own message. Loading the plugin without a
-framework needs a fresh interpreter: that one test runs a subprocess.
+it is run with pytester in a fresh pytest process, as a user runs it (what the
+frameworks print at start-up shows only there), and its two frozen tests must
+pass and its two naive-torch tests must fail, each with the plugin's own
+message. Loading the plugin without a framework needs a fresh interpreter too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from shared.archs import arch_config
 from shared.pytest_plugin import assert_train_eval_match
+from shared.quiet import DEBUG_ENV, split_framework_log
 from tf_impl.freeze import apply_strategy as tf_apply
 from tf_impl.model import LegacyBatchNormalization, default_norm_layer
 from tf_impl.model import build_model as tf_build
@@ -92,13 +93,21 @@ def test_assert_train_eval_match_rejects_non_model():
 
 
 @pytest.mark.slow
-def test_plugin_user_suite_frozen_passes_naive_fails(pytester):
+def test_plugin_user_suite_frozen_passes_naive_fails_no_framework_log(pytester, monkeypatch):
+    """A fresh pytest process, as a user runs their suite, with TensorFlow's oneDNN start-up
+    log forced on and pytest's capture off (-s): the raw output holds no framework log line,
+    though the suite imports Keras itself (the plugin makes TensorFlow's first import quiet)."""
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
     pytester.makeconftest("import torch_impl  # noqa: F401  (torch before TensorFlow)\n")
     pytester.makepyfile(test_user_suite=EXAMPLE.read_text())
-    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-q", "-s", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines([
         ("E * shared.audit.FrozenTensorChanged: freeze_guard [[]torch]: *base.1.running_mean "
          "(max abs change *"),
         "E * AssertionError: training-mode loss * != inference-mode loss * at the same weights*",
     ], consecutive=False)
+    raw = "\n".join(result.outlines + result.errlines)
+    assert "absl::InitializeLog" not in raw and "oneDNN custom operations" not in raw, raw
+    assert split_framework_log(raw)[1] == "", raw

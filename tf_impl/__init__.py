@@ -2,7 +2,9 @@
 
 ``torch_impl`` is imported first on purpose: TensorFlow loaded before
 torchvision / ``torch._dynamo`` segfaults the process with the pinned wheels,
-so this import makes ``import tf_impl; import torch_impl`` safe too.
+so this import makes ``import tf_impl; import torch_impl`` safe too. TensorFlow's
+start-up log is kept off stderr (:mod:`shared.quiet`; ``FREEZE_PARITY_DEBUG=1``
+shows it).
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import os
 
 import torch_impl  # noqa: F401  (import order: torch before TensorFlow, see above)
+from shared.quiet import debug_requested, quiet_native_stderr
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not debug_requested():  # native records below ERROR after the import (debug: all of them)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# TensorFlow's start-up log (absl preamble, "oneDNN custom operations are on") is written
+# to fd 2 during this import, whatever TF_CPP_MIN_LOG_LEVEL says: see shared/quiet.py
+with quiet_native_stderr():
+    import keras  # noqa: E402
+    import tensorflow as tf  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(

@@ -20,9 +20,13 @@ if _LATE and not {"torch._dynamo", "torchvision"} <= set(sys.modules):
         "before TensorFlow/Keras."
     )
 
-import torch  # noqa: E402
-import torch._dynamo  # noqa: E402  (optimizers import it lazily; load it before TF)
-import torchvision  # noqa: E402,F401
+from shared.quiet import quiet_native_stderr  # noqa: E402
+
+# as tf_impl does for TensorFlow's start-up log (torch writes nothing to fd 2 here)
+with quiet_native_stderr():
+    import torch  # noqa: E402
+    import torch._dynamo  # noqa: E402  (optimizers import it lazily; load it before TF)
+    import torchvision  # noqa: E402,F401
 
 # Cross-framework parity is measured in float32: no TF32 on GPUs that have it.
 torch.backends.cuda.matmul.allow_tf32 = False

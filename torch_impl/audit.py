@@ -175,7 +175,10 @@ def _owners(parameter_names: list[str]) -> list[str]:
 def _replica_hazards(model: nn.Module, leaves, rows, modules) -> list:
     from torch.nn.parallel import DistributedDataParallel
 
-    if not (isinstance(model, DistributedDataParallel) and model.broadcast_buffers):
+    from torch_impl.distributed import BUFFER_SYNC_FLAG
+
+    # whichever flag built it: torch 2.14 stores broadcast_buffers= as forward_sync_buffers
+    if not (isinstance(model, DistributedDataParallel) and getattr(model, BUFFER_SYNC_FLAG)):
         return []
     frozen_batch = [row.name for (name, module), row in zip(leaves, rows)
                     if isinstance(module, _BATCH_NORM) and row.norm_mode == "batch"

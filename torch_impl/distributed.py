@@ -9,17 +9,20 @@ where one process holds every replica.
 What DDP does to freezing, in this module's terms: parameters with
 ``requires_grad=False`` are not registered with the reducer (so a frozen base
 needs no ``find_unused_parameters``), a module with no trainable parameter is
-refused, and with ``broadcast_buffers=True`` (the default) every forward of the
-wrapped module first copies rank 0's buffers, BatchNorm statistics included, to
-every rank.
+refused, and by default every forward of the wrapped module first copies rank
+0's buffers, BatchNorm statistics included, to every rank
+(``forward_sync_buffers=True``; the ``broadcast_buffers=True`` that torch 2.14
+deprecates does the same, see :data:`BUFFER_SYNC_FLAG`).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,7 +41,17 @@ from torch_impl.freeze import apply_strategy
 from torch_impl.model import build_model
 from torch_impl.weights import export_weights
 
-__all__ = ["PROBES", "Replica", "bn_statistics", "main", "run", "time_run"]
+__all__ = ["BUFFER_SYNC_FLAG", "PROBES", "Replica", "bn_statistics", "main", "run", "time_run"]
+
+# DDP's keyword for "copy rank 0's buffers to every rank at the start of every forward", on
+# the installed torch. torch 2.14 deprecates broadcast_buffers (a FutureWarning, whatever its
+# value) for forward_sync_buffers; the two differ at initialisation only: DDP copies rank 0's
+# buffers when it wraps the module under forward_sync_buffers=False, not under
+# broadcast_buffers=False (measured: tests/test_distributed.py, docs/PORTING.md). The runs
+# here start every rank from the same checkpoint, so that copy changes nothing in them.
+BUFFER_SYNC_FLAG = ("forward_sync_buffers"
+                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else "broadcast_buffers")
 
 
 class Replica:
@@ -49,14 +62,16 @@ class Replica:
         self.fail = shared_dist.parse_failure_injection(os.environ.get(shared_dist.FAIL_ENV))
         self.wrapped: DistributedDataParallel | None = None
         self.model: nn.Module | None = None
+        self.bn_at_wrap: dict[str, list[float]] = {}
 
     def shard(self, idx: np.ndarray) -> np.ndarray:
         return shared_dist.shard(idx, self.rank, self.replicas)
 
     def wrap(self, trainee: nn.Module, model: nn.Module) -> nn.Module:
         self.model = model
+        self.bn_at_wrap = bn_statistics(model)  # what this rank starts from, before DDP's copy
         self.wrapped = DistributedDataParallel(
-            trainee, broadcast_buffers=self.options.broadcast_buffers,
+            trainee, **{BUFFER_SYNC_FLAG: self.options.broadcast_buffers},
             find_unused_parameters=self.options.find_unused_parameters)
         return self.wrapped
 
@@ -82,10 +97,11 @@ def run(config: RunConfig, options: shared_dist.ReplicaOptions, rank: int, repli
     replica = Replica(options, rank, replicas)
     record = train.run(config, replica=replica)
     own = bn_statistics(replica.model)
-    extra = {}
+    extra = {"ddp_buffer_sync": f"{BUFFER_SYNC_FLAG}={options.broadcast_buffers}",
+             "bn_at_wrap": replica.bn_at_wrap}
     if replica.wrapped.module is replica.model and own:
         # One more forward of the wrapped model, in eval mode and without gradients:
-        # with broadcast_buffers=True it still copies rank 0's statistics here.
+        # syncing buffers at every forward, it still copies rank 0's statistics here.
         replica.wrapped.eval()
         image = next(replica.model.parameters()).new_zeros((2, 3, *_image_size(config)))
         with torch.no_grad():
@@ -180,10 +196,55 @@ def _probe_sync_batchnorm(rank: int, replicas: int) -> dict:
     return found
 
 
+def _bn_stats(module: nn.Module) -> list[float]:
+    bn = module[1]
+    return torch.cat([bn.running_mean, bn.running_var]).tolist()
+
+
+def _rank_local_forward(module: nn.Module, rank: int, seed: int) -> None:
+    """A training-mode forward of the module itself (not DDP) on this rank's own data: its
+    BN statistics move to values of this rank alone."""
+    g = torch.Generator().manual_seed(seed + rank)
+    with torch.no_grad():
+        module.train()(torch.randn(8, 3, 4, 4, generator=g) * (1 + rank) + rank)
+
+
+def _probe_buffer_flags(rank: int, replicas: int) -> dict:
+    """Each way of passing DDP's buffer flag: this rank's BN statistics before the wrap (its
+    own), right after it, after another rank-local update, and after one more forward of the
+    wrapped model (eval mode, no_grad); and the FutureWarnings the wrap raised."""
+    settings = {"default": {}, "broadcast_buffers=True": {"broadcast_buffers": True},
+                "broadcast_buffers=False": {"broadcast_buffers": False}}
+    if BUFFER_SYNC_FLAG == "forward_sync_buffers":
+        settings.update({"forward_sync_buffers=True": {"forward_sync_buffers": True},
+                         "forward_sync_buffers=False": {"forward_sync_buffers": False}})
+    found = {}
+    for name, kwargs in settings.items():
+        torch.manual_seed(0)  # the same parameters on every rank; DDP copies them anyway
+        module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        _rank_local_forward(module, rank, seed=10)
+        stages = {"before_wrap": _bn_stats(module)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # measured here, not shown: the deprecated flag
+            wrapped = DistributedDataParallel(module, **kwargs)
+        stages["after_wrap"] = _bn_stats(module)
+        _rank_local_forward(module, rank, seed=20)
+        stages["after_local_update"] = _bn_stats(module)
+        wrapped.eval()
+        with torch.no_grad():
+            wrapped(torch.zeros(2, 3, 4, 4))
+        stages["after_forward"] = _bn_stats(module)
+        stages["future_warnings"] = [str(w.message) for w in caught
+                                     if issubclass(w.category, FutureWarning)]
+        found[name] = stages
+    return found
+
+
 PROBES = {
     "ddp_no_trainable": _probe_no_trainable,
     "ddp_unused_parameters": _probe_unused_parameters,
     "ddp_sync_batchnorm_cpu": _probe_sync_batchnorm,
+    "ddp_buffer_flags": _probe_buffer_flags,
 }
 
 

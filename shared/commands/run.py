@@ -40,7 +40,10 @@ def add_parser(parser) -> None:
     parser.add_argument("--synchronized-bn", action="store_true",
                         help="tf with --replicas: BatchNormalization(synchronized=True)")
     parser.add_argument("--no-broadcast-buffers", action="store_true",
-                        help="torch with --replicas: DDP(broadcast_buffers=False)")
+                        help="torch with --replicas: DDP does not copy rank 0's buffers (BN "
+                             "statistics) at each forward: DDP(forward_sync_buffers=False) "
+                             "where torch has it (2.14 deprecates broadcast_buffers), else "
+                             "DDP(broadcast_buffers=False); the launcher line says which")
 
 
 def run(args) -> int:
@@ -80,7 +83,10 @@ def run(args) -> int:
     print(f"  held-out loss {held.loss:.4f}, accuracy {held.accuracy:.3f}; frozen tensors unchanged: "
           f"{record.frozen_unchanged}; BN statistics changed: {record.bn_stats_changed}")
     if args.replicas > 1:
-        print(f"  launcher: {replicated.launcher}; BN statistics spread across replicas "
+        ddp = next((e["ddp_buffer_sync"] for e in replicated.extra if "ddp_buffer_sync" in e),
+                   None)  # the keyword the ranks passed (torch)
+        launcher = replicated.launcher + (f", DDP({ddp})" if ddp else "")
+        print(f"  launcher: {launcher}; BN statistics spread across replicas "
               f"{replicated.replica_spread():.3g}; saved statistics = "
               f"{', '.join(replicated.saved_matches()) or 'no single replica'}")
     failures = expectation_failures(record)
