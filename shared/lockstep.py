@@ -71,7 +71,7 @@ class StepBounds:
     update_rtol: float
     slot_rtol: float
     batch_stats_rtol: float
-    eps: float                    # the dtype's machine epsilon (ulp of 1 is 2 * eps)
+    eps: float                    # the dtype's machine epsilon: the ulp of 1
     momentum: float               # BatchNorm's (torch convention)
     reductions: tuple[tuple[str, int], ...] = ()  # BN prefix -> values per channel mean
 
@@ -179,8 +179,9 @@ class LockstepRecord:
 # one step compared
 # --------------------------------------------------------------------------- #
 def _ulp(scale: float, eps: float) -> float:
-    """One unit in the last place at ``scale`` (at least at the smallest normal)."""
-    return 2.0 * eps * 2.0 ** np.floor(np.log2(max(scale, np.finfo(np.float64).tiny)))
+    """One unit in the last place at ``scale`` (``eps`` is the ulp of 1; at least the
+    smallest normal's)."""
+    return eps * 2.0 ** np.floor(np.log2(max(scale, np.finfo(np.float64).tiny)))
 
 
 def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:

@@ -51,6 +51,9 @@ def _cache_dir() -> str:
 
 
 os.environ["FREEZE_PARITY_CACHE"] = _cache_dir()
+# compare's torch-only runs in this process: the xdist workers already use both cores, a
+# worker process per compare would only add its start-up (tests/test_matrix.py runs one)
+os.environ.setdefault("FREEZE_PARITY_WORKERS", "0")
 
 
 def _is_xdist_controller(config) -> bool:
@@ -80,15 +83,42 @@ def tinyconv_checkpoint():
     return shipped_checkpoint("tinyconv")
 
 
+# run_record configs that are strategy_result's too (the demo's, and its Adam variants)
+MATRIX_OVERRIDES = {"optimizer", "steps"}
+
+
 @pytest.fixture(scope="session")
-def run_record(tinyconv_checkpoint):
-    """``run_record(framework, strategy, **config)``: a RunRecord, computed once per session."""
+def strategy_result(tinyconv_checkpoint):
+    """``strategy_result(strategy, **config)``: the compare matrix's StrategyResult (lockstep,
+    both free runs, envelope, float64 run), computed once per session; the default config
+    is the demo's (``make demo``)."""
+    from shared.matrix import _Shared, run_strategy
+    from shared.record import RunConfig
+
+    cache, shared = {}, _Shared()
+
+    def get(strategy, **overrides):
+        key = (strategy, tuple(sorted(overrides.items())))
+        if key not in cache:
+            config = RunConfig(strategy=strategy, checkpoint=str(tinyconv_checkpoint), **overrides)
+            cache[key] = run_strategy(config, shared)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def run_record(tinyconv_checkpoint, strategy_result):
+    """``run_record(framework, strategy, **config)``: a RunRecord, computed once per session
+    (float32 runs of the matrix come from ``strategy_result``)."""
     from shared import frameworks
     from shared.record import RunConfig
 
     cache = {}
 
     def get(framework, strategy, **overrides):
+        if set(overrides) <= MATRIX_OVERRIDES:  # the matrix's own runs: computed there once
+            return getattr(strategy_result(strategy, **overrides), framework)
         key = (framework, strategy, tuple(sorted(overrides.items())))
         if key not in cache:
             config = RunConfig(strategy=strategy, checkpoint=str(tinyconv_checkpoint), **overrides)

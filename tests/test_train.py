@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared import tolerances
-from shared.compare import compare_records, expectation_failures, step_tolerance
+from shared.compare import expectation_failures
 from shared.record import RunConfig, RunRecord
 from shared.strategies import STRATEGIES
 
@@ -19,10 +19,6 @@ MATCHING = ["frozen", "feature_extraction", "partial"]
 GAPPED = ["bn_adapt", "full", "naive"]
 PARITY = ["frozen", "feature_extraction", "partial", "bn_adapt", "full"]
 MIN_PARITY_STEPS = 30
-# The tolerance each strategy's parity is judged with, written out by hand (SGD, float32).
-EXPECTED_TOLERANCE = {"frozen": "STEP_LOSS", "feature_extraction": "STEP_LOSS",
-                      "partial": "STEP_LOSS", "bn_adapt": "BATCH_STATS_STEP",
-                      "full": "FULL_FLOAT32_STEP"}
 # Variants of the demo run (Adam, float64, conventions off) run this many steps: enough for
 # each effect they show, and the demo's own 100-step runs stay shared with the README check.
 VARIANT_STEPS = 30
@@ -82,68 +78,96 @@ def test_feature_extraction_and_frozen_give_same_head_trajectory(run_record, fra
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("strategy", PARITY)
-def test_cross_step_losses_agree(run_record, strategy, optimizer):
-    steps = {} if optimizer == "sgd" else {"steps": VARIANT_STEPS}
-    tf_record = run_record("tf", strategy, optimizer=optimizer, **steps)
-    torch_record = run_record("torch", strategy, optimizer=optimizer, **steps)
-    assert len(tf_record.steps) >= MIN_PARITY_STEPS
-    result = compare_records(tf_record, torch_record)
-    assert result.ok, "; ".join(result.failures)
-    if optimizer == "sgd":
-        assert result.tolerance.name == EXPECTED_TOLERANCE[strategy]
+def test_cross_lockstep_agrees_every_step(strategy_result, strategy, optimizer):
+    """Both frameworks take every step from the same state: losses, every tensor's change,
+    every optimizer slot and which tensors move agree within the one-step bounds, or (a
+    rounding outlier) agree in float64 from that state."""
+    steps = {} if optimizer == "sgd" else {"optimizer": optimizer, "steps": VARIANT_STEPS}
+    result = strategy_result(strategy, **steps)
+    lock = result.lockstep
+    assert lock.steps == len(result.torch.steps) >= MIN_PARITY_STEPS
+    assert lock.bounds == "LOCKSTEP" and lock.expected_to_match
+    assert lock.ok and not lock.semantic_events, lock.failures
+    for event in lock.numerics_events:  # decided in float64, never absorbed in float32
+        assert event.ratio > 1 >= event.float64_ratio, event
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_cross_naive_frameworks_differ(run_record, optimizer):
-    steps = {} if optimizer == "sgd" else {"steps": VARIANT_STEPS}
-    result = compare_records(run_record("tf", "naive", optimizer=optimizer, **steps),
-                             run_record("torch", "naive", optimizer=optimizer, **steps))
-    assert not result.expected_to_match and result.ok
-    assert result.max_eval_diff > 100 * tolerances.TRAP_MIN_GAP
+@pytest.mark.parametrize("strategy", PARITY)
+def test_cross_free_run_within_rounding_envelope(strategy_result, strategy, optimizer):
+    """Each framework on its own: the two float32 runs stay within ENVELOPE_MULTIPLE times
+    what rounding alone does to torch's run (reruns from one-ulp starts, batches reordered),
+    or one framework's float32 left float64 beyond it (named, not a failure)."""
+    steps = {} if optimizer == "sgd" else {"optimizer": optimizer, "steps": VARIANT_STEPS}
+    result = strategy_result(strategy, **steps)
+    free, envelope = result.free, result.envelope
+    assert list(envelope.seeds[:len(tolerances.ENVELOPE_SEEDS)]) == list(tolerances.ENVELOPE_SEEDS)
+    assert free.multiple == tolerances.ENVELOPE_MULTIPLE
+    assert free.ok, free.failures
+    assert free.within or free.departs in ("tf", "torch"), (free.max_ratio_at, free.departs)
+    assert result.exact is not None and result.exact.config["dtype"] == "float64"
 
 
-@pytest.mark.parametrize("strategy, tolerance", [("bn_adapt", "BATCH_STATS_STEP"),
-                                                 ("full", "FULL_FLOAT32_STEP")])
-def test_cross_batch_stats_divergence_is_float32_rounding(run_record, strategy, tolerance):
-    """Why batch-statistics strategies have their own tolerances: float32 diverges, float64
-    agrees (with the same float32 learning rate and momentum on both sides)."""
-    f32 = compare_records(run_record("tf", strategy, steps=VARIANT_STEPS),
-                          run_record("torch", strategy, steps=VARIANT_STEPS))
-    f64 = compare_records(run_record("tf", strategy, dtype="float64", steps=VARIANT_STEPS),
-                          run_record("torch", strategy, dtype="float64", steps=VARIANT_STEPS))
-    default = step_tolerance("frozen", "sgd")
-    assert f32.ok and f32.tolerance.name == tolerance, f32.failures
-    assert f32.max_diff > default.atol, f"float32 {strategy} diverged only {f32.max_diff:.3g}"
-    assert f64.ok and f64.tolerance.name == "STEP_LOSS", f64.failures
-    assert f64.max_diff * 1e4 < f32.max_diff, (f64.max_diff, f32.max_diff)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cross_naive_frameworks_differ(strategy_result, optimizer):
+    """Each framework's classic mistake is another mistake: lockstep finds torch's frozen
+    BatchNorm statistics moving at every step (Keras's legacy BN keeps them), and the free
+    runs part far beyond the rounding envelope."""
+    steps = {} if optimizer == "sgd" else {"optimizer": optimizer, "steps": VARIANT_STEPS}
+    result = strategy_result("naive", **steps)
+    lock = result.lockstep
+    assert not lock.expected_to_match and lock.ok and result.ok
+    assert len(lock.semantic_events) == lock.steps
+    first = lock.semantic_events[0]
+    assert first.step == 0 and first.check.startswith("moved base.") and "running_" in first.check
+    assert result.free.max_ratio > 1 and result.free.max_diff > 100 * tolerances.TRAP_MIN_GAP
 
 
-def test_cross_full_adam_diverges_even_in_float64(run_record):
-    """Adam's division by sqrt(v) amplifies rounding that SGD leaves small."""
-    adam = compare_records(
-        run_record("tf", "full", optimizer="adam", dtype="float64", steps=VARIANT_STEPS),
-        run_record("torch", "full", optimizer="adam", dtype="float64", steps=VARIANT_STEPS))
-    sgd = compare_records(run_record("tf", "full", dtype="float64", steps=VARIANT_STEPS),
-                          run_record("torch", "full", dtype="float64", steps=VARIANT_STEPS))
-    assert adam.ok and adam.tolerance.name == "FULL_ADAM_FLOAT64_STEP_ATOL"
-    assert adam.max_diff > tolerances.STEP_LOSS_ATOL > sgd.max_diff
+FLOAT64_CASES = [*((s, "sgd") for s in PARITY), ("bn_adapt", "adam"), ("full", "adam")]
 
 
-def test_cross_bn_variance_reconciled_explicitly(run_record):
-    """Keras updates moving variance with the biased batch variance, torch with the
-    unbiased one; TorchVarianceBatchNormalization reconciles it in code. Measured in
-    float64, where nothing else separates the frameworks (in float32 the effect, 3e-4,
-    is as large as BATCH_STATS_STEP's rounding allowance)."""
-    f64 = {"dtype": "float64", "steps": VARIANT_STEPS}
-    torch_record = run_record("torch", "bn_adapt", **f64)
-    reconciled = compare_records(run_record("tf", "bn_adapt", **f64), torch_record)
-    unreconciled = run_record("tf", "bn_adapt", reconcile_bn_variance=False, **f64)
-    # same run but for the convention switch: compare it as the same config
-    raw = compare_records(dataclasses.replace(unreconciled, config=torch_record.config), torch_record)
-    assert reconciled.ok and reconciled.tolerance.name == "STEP_LOSS"
-    assert not raw.ok and raw.max_eval_diff > 1e4 * max(reconciled.max_eval_diff, tolerances.FLOAT64_NOISE)
-    # training-mode losses use batch statistics only: unaffected by the convention
-    assert raw.max_train_diff < tolerances.STEP_LOSS_ATOL
+@pytest.mark.parametrize("strategy, optimizer", FLOAT64_CASES)
+def test_cross_float64_runs_agree_within_float64_run_atol(strategy_result, strategy, optimizer):
+    """float64 is the exactness proof: the same run in both frameworks agrees within
+    FLOAT64_RUN_ATOL (at most 1e-10) at every step, and lockstep within its float64 bounds."""
+    result = strategy_result(strategy, dtype="float64", optimizer=optimizer, steps=VARIANT_STEPS)
+    assert tolerances.FLOAT64_RUN_ATOL <= 1e-10
+    assert result.tf.config["dtype"] == result.torch.config["dtype"] == "float64"
+    assert result.ok, result.failures
+    assert result.free.max_diff <= tolerances.FLOAT64_RUN_ATOL
+    assert result.lockstep.bounds == "LOCKSTEP_FLOAT64" and not result.lockstep.events
+
+
+def test_cross_naive_differs_in_float64_too(strategy_result):
+    result = strategy_result("naive", dtype="float64", steps=VARIANT_STEPS)
+    assert result.ok and len(result.lockstep.semantic_events) == VARIANT_STEPS
+    assert result.free.max_diff > 100 * tolerances.TRAP_MIN_GAP
+
+
+def test_cross_keras_adam_usual_betas_differ_by_float32_bias_correction(tinyconv_checkpoint):
+    """Trap: Keras takes the bias correction's beta ** t of float32 betas, torch of the betas
+    themselves. With the usual 0.9 / 0.999 (not float32 numbers) every Adam update differs
+    by a factor written out here, found in float64 (where nothing else separates them)."""
+    from shared import frameworks
+    from shared.record import RunConfig
+
+    config = RunConfig(strategy="frozen", optimizer="adam", dtype="float64", steps=1,
+                       adam_beta_1=0.9, adam_beta_2=0.999, checkpoint=str(tinyconv_checkpoint))
+    steppers = {fw: frameworks.load(fw, "train").Stepper(config) for fw in FRAMEWORKS}
+    start = steppers["torch"].state()
+    steppers["tf"].load(start)
+    idx = steppers["torch"].prepared.indices[0]
+    updates = {}
+    for fw, stepper in steppers.items():
+        stepper.step(idx)
+        updates[fw] = stepper.state().tensors["head.fc.weight"] - start.tensors["head.fc.weight"]
+    b1, b2 = 0.9, 0.999
+    f1, f2 = float(np.float32(b1)), float(np.float32(b2))
+    expected = (np.sqrt(1 - f2) / (1 - f1)) / (np.sqrt(1 - b2) / (1 - b1))  # step 1
+    ratio = updates["tf"] / updates["torch"]
+    big = np.abs(updates["torch"]) > 0.5 * np.abs(updates["torch"]).max()  # |g| >> epsilon
+    assert np.allclose(ratio[big], expected, rtol=tolerances.LOCKSTEP_FLOAT64_RTOL, atol=0)
+    assert abs(expected - 1) > 1e3 * tolerances.LOCKSTEP_FLOAT64_RTOL  # 6.7e-6: real, not rounding
 
 
 def test_keras_moving_variance_convention_is_n_over_n_minus_1():
@@ -203,21 +227,21 @@ def test_run_config_rejects_bad_values():
 # --- the project's optimizers against a separately written Adam ----------------------------------
 
 # Gradients of this size make an epsilon of 1e-8 (torch's default) change every update by ~1%,
-# while the parity epsilon (1e-12) changes it by ~1e-6 of itself.
+# while the parity epsilon (1e-16) changes it by ~1e-10 of itself.
 TINY_GRADIENT = 1e-6
 ADAM_STEPS = 20
 ADAM_LR = 0.02  # 20 steps move each weight about 0.4: float32 rounding stays near 1e-7
 
 
-def _reference_adam(w0, grads, lr: float, eps: float, keras_form: bool):
-    """float64 Adam (beta1 0.9, beta2 0.999) written out. ``keras_form``: epsilon before the
-    bias correction, whose beta powers Keras takes of float32 betas (at step 1 that alone
-    moves 1 - beta2**t by 1.3e-5 of itself); else torch's form."""
-    p1, p2 = (float(np.float32(b)) for b in (0.9, 0.999)) if keras_form else (0.9, 0.999)
+def _reference_adam(w0, grads, lr: float, eps: float, keras_form: bool, b1: float, b2: float):
+    """float64 Adam written out. ``keras_form``: epsilon before the bias correction, whose
+    beta powers Keras takes of float32 betas (for 0.999 that alone moves 1 - beta2**t by
+    1.3e-5 of itself at step 1; the parity betas are float32 numbers); else torch's form."""
+    p1, p2 = (float(np.float32(b)) for b in (b1, b2)) if keras_form else (b1, b2)
     w, m, v = w0.astype(np.float64), 0.0, 0.0
     for t, g in enumerate(grads, start=1):
         g = g.astype(np.float64)
-        m, v = 0.9 * m + (1 - 0.9) * g, 0.999 * v + (1 - 0.999) * g * g
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         c1, c2 = 1 - p1**t, 1 - p2**t
         if keras_form:
             w = w - lr * np.sqrt(c2) / c1 * m / (np.sqrt(v) + eps)
@@ -250,7 +274,8 @@ def _project_adam(framework: str, config: RunConfig, w0, grads) -> np.ndarray:
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_cross_make_optimizer_adam_uses_parity_epsilon_matches_reference(framework):
     """Each framework's run optimizer for ``optimizer="adam"`` is Adam with the parity epsilon
-    (1e-12, written here by hand) in that framework's placement, not a framework default."""
+    and betas (1e-16, 7/8 and 1 - 2**-10, written here by hand) in that framework's placement,
+    not a framework default."""
     config = RunConfig(optimizer="adam", learning_rate=ADAM_LR)
     rng = np.random.default_rng(0)
     w0 = (0.1 * rng.standard_normal(16)).astype(np.float32)
@@ -258,8 +283,8 @@ def test_cross_make_optimizer_adam_uses_parity_epsilon_matches_reference(framewo
              for _ in range(ADAM_STEPS)]
     keras_form = framework == "tf"
     got = _project_adam(framework, config, w0, grads)
-    parity = _reference_adam(w0, grads, ADAM_LR, 1e-12, keras_form)
-    torch_default = _reference_adam(w0, grads, ADAM_LR, 1e-8, keras_form)
+    parity = _reference_adam(w0, grads, ADAM_LR, 1e-16, keras_form, 0.875, 1 - 2.0**-10)
+    torch_default = _reference_adam(w0, grads, ADAM_LR, 1e-8, keras_form, 0.9, 0.999)
     assert np.abs(got - parity).max() <= tolerances.OPTIMIZER_STEP_ATOL  # must match
     assert np.abs(got - torch_default).max() > tolerances.TRAP_MIN_GAP  # must differ
     assert np.abs(got - w0).max() > tolerances.TRAP_MIN_GAP  # the steps moved the weights
@@ -327,14 +352,19 @@ def test_head_dropout_gaps_train_eval_only_through_the_head(run_record, framewor
     assert dropped.heldout[-1].loss < dropped.heldout[0].loss
 
 
-def test_cross_records_differing_only_in_heldout_losses_fail_compare(run_record):
-    tf_record, torch_record = run_record("tf", "frozen"), run_record("torch", "frozen")
-    assert compare_records(tf_record, torch_record).ok
-    shifted = [dataclasses.replace(h, loss=h.loss + 100 * tolerances.STEP_LOSS_ATOL)
-               if h.step == 20 else h for h in torch_record.heldout]
-    result = compare_records(tf_record, dataclasses.replace(torch_record, heldout=shifted))
-    assert result.max_train_diff == compare_records(tf_record, torch_record).max_train_diff
-    assert not result.ok and len(result.failures) == 1
-    assert result.failures[0].startswith("frozen: heldout loss tf vs torch differ by ")
-    assert "at index 2 " in result.failures[0]
-    assert result.max_heldout_diff > 99 * tolerances.STEP_LOSS_ATOL
+def test_cross_free_run_differing_only_in_heldout_losses_fails(strategy_result):
+    """A free run whose held-out loss alone leaves the envelope fails, naming the point."""
+    from shared.envelope import judge_free_run
+
+    result = strategy_result("frozen")
+    free = judge_free_run(result.tf, result.torch, result.envelope, result.exact)
+    assert free.ok and free.within
+    shift = 100 * (tolerances.LOCKSTEP_LOSS_ATOL + tolerances.LOCKSTEP_LOSS_RTOL
+                   * max(h.loss for h in result.torch.heldout))
+    shifted = [dataclasses.replace(h, loss=h.loss + shift) if h.step == 20 else h
+               for h in result.torch.heldout]
+    broken = judge_free_run(result.tf, dataclasses.replace(result.torch, heldout=shifted),
+                            result.envelope)  # no float64 run: nothing to attribute it to
+    assert not broken.ok and len(broken.failures) == 1
+    assert broken.max_ratio_at == "heldout_loss at step 20" and broken.max_ratio > 1
+    assert broken.failures[0].startswith("frozen: free run: tf vs torch ")
