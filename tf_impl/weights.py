@@ -9,16 +9,26 @@ container layer's ``named_children()`` (see ``tf_impl/model.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import keras
 import numpy as np
 
 from shared.checkpoint import FLOAT32_OR_64, check_holdable, check_tensors
-from shared.training_state import OPTIMIZER_SLOTS, TrainingState
+from shared.training_state import (
+    OPTIMIZER_SLOTS,
+    TrainingState,
+    is_training_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from tf_impl.model import named_leaves
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
-           "export_training_state", "import_training_state",
-           "to_canonical", "from_canonical", "activation_to_canonical",
+           "export_training_state", "import_training_state", "save_training_file",
+           "load_training_file", "read_training_file", "write_training_file",
+           "is_training_file", "to_canonical", "from_canonical", "activation_to_canonical",
            "activation_from_canonical"]
 
 # Keras layout -> canonical layout, and back (the one place transposes live).
@@ -139,19 +149,25 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
     optimizer = optimizer if optimizer is not None else model.optimizer
     kind = _optimizer_kind(optimizer)
     tensors = export_weights(model, dtype)
-    if not optimizer.built:
-        return TrainingState(tensors, kind, {}, 0, _hyper(optimizer, kind))
+    if not optimizer.built:  # what it will be built on: the model's trainable variables
+        trainable = {id(var) for var in model.trainable_variables}
+        return TrainingState(tensors, kind, {}, 0, _hyper(optimizer, kind),
+                             [key for key, (var, _) in _variables(model).items()
+                              if id(var) in trainable])
     lists = _slot_variables(optimizer, kind)
     # SGD: b = v / -lr, one float64 rounding: v -> b -> v is exact for float32 variables
+    # (float64 ones come back within one unit in the last place: a float64 b cannot hold
+    # every float64 v divided by a float32 learning rate)
     divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
     slots = {name: {} for name in OPTIMIZER_SLOTS[kind][:len(lists)]}
-    for key, _, layout, index in _optimized(model, optimizer):
+    optimized = sorted(_optimized(model, optimizer), key=lambda item: item[3])
+    for key, _, layout, index in optimized:
         for name, variables in zip(slots, lists):
             value = np.asarray(keras.ops.convert_to_numpy(variables[index]), np.float64)
             slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
     step = int(keras.ops.convert_to_numpy(optimizer.iterations))
     return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
-                         _hyper(optimizer, kind))
+                         _hyper(optimizer, kind), [key for key, *_ in optimized])
 
 
 def import_training_state(model, optimizer, state: TrainingState,
@@ -193,6 +209,56 @@ def import_training_state(model, optimizer, state: TrainingState,
             _assign(target, np.asarray(value, np.float64) * scale, layout)
     optimizer.iterations.assign(state.step)
 
+
+
+# --- training files: each framework's own file for a training state -------------------------
+# Keras's is the canonical training checkpoint itself (``shared.training_state``: a
+# ``.safetensors`` with meta ``kind`` "training"), written from a compiled model and read
+# into one. Model tensors and Adam's moments are stored in the model's dtype (its own
+# values, exact); SGD's momentum buffers in float64 (b = v / -lr, see above).
+def save_training_file(path, model, optimizer=None, meta: Mapping[str, str] | None = None) -> Path:
+    """``model`` and ``optimizer`` (None: ``model.optimizer``) as Keras's training file
+    (a canonical training checkpoint), written atomically.
+
+    ``meta`` (str -> str) needs ``arch`` unless the model has one (the project's do).
+    """
+    state = export_training_state(model, optimizer, np.float64)
+    dtype = next(iter(_variables(model).values()))[0].dtype
+    held = {name: values if name == "momentum_buffer" else
+            {k: v.astype(dtype) for k, v in values.items()} for name, values in state.slots.items()}
+    state = TrainingState({k: v.astype(dtype) for k, v in state.tensors.items()}, state.optimizer,
+                          held, state.step, state.hyper, state.parameters)
+    return write_training_file(path, state, {"arch": getattr(model, "arch", ""), **(meta or {})})
+
+
+def load_training_file(path, model, optimizer=None) -> TrainingState:
+    """Read Keras's training file into ``model`` and ``optimizer`` (None: ``model.optimizer``);
+    the state it held.
+
+    Parameters are matched by canonical key, not by position.
+    """
+    where = f"training file {path}"
+    state, _ = read_training_file(path, expected=canonical_shapes(model))
+    import_training_state(model, optimizer, state, where)
+    return state
+
+
+def read_training_file(path, *, expected: Mapping[str, tuple[int, ...]] | None = None
+                       ) -> tuple[TrainingState, dict[str, str]]:
+    """Keras's training file as a canonical state and its meta (``arch`` included), no model
+    needed; ``expected`` (key -> shape) checks the model tensors."""
+    return load_training_checkpoint(path, expected=expected)
+
+
+def write_training_file(path, state: TrainingState, meta: Mapping[str, str]) -> Path:
+    """Write a canonical state as Keras's training file, atomically (arrays as they are);
+    ``meta`` needs ``arch``."""
+    return save_training_checkpoint(path, state, meta)
+
+
+def is_training_file(path) -> bool:
+    """True for a file :func:`read_training_file` takes (its header says so; no tensors read)."""
+    return is_training_checkpoint(path)
 
 # --- single tensors, for layers outside the project's own trees (``tf_impl/port.py``) ---
 def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None) -> np.ndarray:
