@@ -189,26 +189,32 @@ def import_training_state(model, optimizer, state: TrainingState,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    import_weights(model, state.tensors, where)
     lists = _slot_variables(optimizer, kind)
     scale = -_learning_rate(optimizer) if kind == "sgd" else 1.0
+    pending = []  # every check before anything is set: a refused state changes nothing
     for key, var, layout, index in optimized:
-        held = [state.slots.get(name, {}).get(key) for name in OPTIMIZER_SLOTS[kind]]
-        if kind == "adam" and state.step > 0 and any(v is None for v in held):
+        held = {name: state.slots[name][key] for name in OPTIMIZER_SLOTS[kind]
+                if key in state.slots.get(name, {})}
+        if kind == "adam" and state.step > 0 and not held:
             raise ValueError(f"{where}: key {key!r}: no adam slots at step {state.step} "
                              f"(Adam's bias correction needs the moments of every parameter)")
-        for name, variables, value in zip(OPTIMIZER_SLOTS[kind], lists, held):
-            target = variables[index]
-            if value is None:
-                target.assign(np.zeros(target.shape, target.dtype))
+        if held and len(held) != len(OPTIMIZER_SLOTS[kind]):
+            raise ValueError(f"{where}: key {key!r}: has {sorted(held)} but not every "
+                             f"{kind} slot ({', '.join(OPTIMIZER_SLOTS[kind])})")
+        shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
+        for name, variables in zip(OPTIMIZER_SLOTS[kind], lists):
+            target, value = variables[index], held.get(name)
+            if value is None:  # no state yet: Keras's own start, zeros
+                pending.append((target, np.zeros(shape), layout))
                 continue
-            shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
             if value.shape != shape:
                 raise ValueError(f"{where}: slot {name!r} key {key!r}: shape expected "
                                  f"{shape}, got {value.shape}")
-            _assign(target, np.asarray(value, np.float64) * scale, layout)
+            pending.append((target, np.asarray(value, np.float64) * scale, layout))
+    import_weights(model, state.tensors, where)
+    for target, value, layout in pending:
+        _assign(target, value, layout)
     optimizer.iterations.assign(state.step)
-
 
 
 # --- training files: each framework's own file for a training state -------------------------

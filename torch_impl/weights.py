@@ -148,7 +148,7 @@ def import_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    import_weights(model, state.tensors, where)
+    pending = []  # every check before anything is set: a refused state changes nothing
     for key, p in optimized:
         held = {name: state.slots[name][key] for name in OPTIMIZER_SLOTS[kind]
                 if key in state.slots.get(name, {})}
@@ -165,6 +165,9 @@ def import_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         new = {name: torch.from_numpy(np.array(value)).to(p.dtype) for name, value in held.items()}
         if kind == "adam" and new:
             new["step"] = torch.tensor(float(state.step), dtype=torch.float32)
+        pending.append((p, new))
+    import_weights(model, state.tensors, where)
+    for p, new in pending:
         optimizer.state[p] = new
 
 
