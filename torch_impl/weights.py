@@ -351,7 +351,8 @@ def _state_from_file(contents, where: str, expected) -> tuple[TrainingState, dic
         hyper = _hyper(groups, kind)
     except KeyError as exc:
         raise CheckpointError(f"{where}: optimizer param_groups have no {exc.args[0]!r} "
-                              f"(not a {kind} state_dict?)") from None
+                              f"(entry 'optimizer_kind' says {kind!r}: another optimizer's "
+                              f"state_dict?)") from None
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     slots: dict[str, dict[str, np.ndarray]] = {}
