@@ -1,23 +1,45 @@
-"""``freeze-parity convert``: torchvision ResNet-18 state_dict <-> canonical checkpoint.
+"""``freeze-parity convert``: torchvision ResNet-18 state_dict <-> canonical checkpoint, and
+torch training file <-> canonical training checkpoint.
 
 Framework-free half: key names, direction, metadata, file checks. The tensors
-and ``.pth`` files are handled by ``torch_impl.resnet``, reached through
-:func:`shared.frameworks.load` (``shared`` never imports torch).
+and ``.pth`` files are handled by ``torch_impl.resnet`` and ``torch_impl.weights``,
+reached through :func:`shared.frameworks.load` (``shared`` never imports torch).
 
-Direction comes from SRC: a ``.safetensors`` whose header carries
-``format_version`` is a canonical checkpoint (written by
-:func:`shared.checkpoint.save_checkpoint`) and becomes a ``.pth`` state_dict;
-anything else (``.pth``, ``.pt``, a ``.safetensors`` of a state_dict) is a
-torchvision state_dict and becomes a canonical checkpoint.
+Direction comes from SRC:
+
+* a ``.safetensors`` whose header carries ``format_version`` is a canonical
+  checkpoint (written by :func:`shared.checkpoint.save_checkpoint`): with meta
+  ``kind`` "training" (:mod:`shared.training_state`) it becomes torch's training
+  file (``torch_impl.weights.write_training_file``), else a torchvision ``.pth``
+  state_dict;
+* a ``.pth``/``.pt`` that is torch's training file (its ``format`` entry) becomes
+  a canonical training checkpoint;
+* anything else (``.pth``, ``.pt``, a ``.safetensors`` of a state_dict) is a
+  torchvision state_dict and becomes a canonical checkpoint.
+
+Training files are converted for the project's archs (tinyconv, resnet18): their
+model tensors are checked against the arch's canonical shapes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shared.archs import ResNet18Config
-from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.archs import ARCHS, ResNet18Config
+from shared.checkpoint import (
+    FLOAT32_OR_64,
+    CheckpointError,
+    check_tensors,
+    load_checkpoint,
+    save_checkpoint,
+)
 from shared.errors import UsageError
+from shared.training_state import (
+    TrainingState,
+    is_training_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 
 __all__ = [
     "ARCH",
@@ -37,6 +59,9 @@ STATE_DICT_SUFFIXES = (".pth", ".pt")
 CANONICAL_SUFFIX = ".safetensors"
 _TORCHVISION_HEAD = "fc."  # torchvision's classifier -> the project's head
 _HEAD, _BASE = "head.", "base."
+_HEAD_BIAS = "head.fc.bias"  # the project's classifier: its length is the class count
+# meta a training checkpoint's writer sets itself (not carried between the two files)
+_STRUCTURAL_META = ("format_version", "kind", "optimizer", "step", "hyper", "parameters")
 
 
 def to_canonical_key(key: str) -> str:
@@ -117,6 +142,10 @@ def convert(src, dst) -> str:
 
     src, dst = Path(src), Path(dst)
     _check_src(src)
+    if is_training_checkpoint(src):
+        return _training_to_torch(src, dst)
+    if src.suffix in STATE_DICT_SUFFIXES and frameworks.load("torch", "weights").is_training_file(src):
+        return _training_to_canonical(src, dst)
     if is_canonical_checkpoint(src):
         _check_dst(src, dst, STATE_DICT_SUFFIXES, "a torchvision state_dict")
         tensors, meta = load_checkpoint(src)
@@ -145,3 +174,58 @@ def convert(src, dst) -> str:
     }
     save_checkpoint(dst, tensors, meta)
     return f"{src} (torchvision state_dict) -> {dst} (canonical, {len(tensors)} tensors)"
+
+
+# --------------------------------------------------------------------------- #
+# training: torch's training file <-> canonical training checkpoint
+# --------------------------------------------------------------------------- #
+def _check_training(state: TrainingState, meta: dict[str, str], where: str) -> str:
+    """The arch's canonical shapes hold the state's model tensors; the arch."""
+    from shared import frameworks
+
+    arch = meta.get("arch", "")
+    if arch not in ARCHS:
+        raise CheckpointError(f"{where}: meta key 'arch': expected one of {', '.join(ARCHS)}, "
+                              f"got {arch!r}")
+    head = state.tensors.get(_HEAD_BIAS)
+    if head is None or head.ndim != 1 or head.shape[0] < 1:
+        raise CheckpointError(f"{where}: key {_HEAD_BIAS!r}: missing or not a vector "
+                              f"(not a {arch} model?)")
+    model = frameworks.load("torch", "model").build_model(arch, int(head.shape[0]))
+    expected = frameworks.load("torch", "weights").canonical_shapes(model)
+    check_tensors(state.tensors, expected, where, FLOAT32_OR_64)
+    return arch
+
+
+def _carried(meta: dict[str, str], src: Path, made_by: str) -> dict[str, str]:
+    kept = {k: v for k, v in meta.items() if k not in _STRUCTURAL_META}
+    return {**kept, "made_by": made_by, "source": src.name}
+
+
+def _describe(state: TrainingState, arch: str) -> str:
+    return (f"{arch}, {state.optimizer}, step {state.step}, "
+            f"{len(state.parameters or state.trainable_keys())} parameters")
+
+
+def _training_to_torch(src: Path, dst: Path) -> str:
+    from shared import frameworks
+
+    _check_dst(src, dst, STATE_DICT_SUFFIXES, "a torch training file")
+    state, meta = load_training_checkpoint(src)
+    arch = _check_training(state, meta, f"checkpoint {src}")
+    frameworks.load("torch", "weights").write_training_file(
+        dst, state, _carried(meta, src, "freeze-parity convert (canonical training checkpoint)"))
+    return (f"{src} (canonical training checkpoint: {_describe(state, arch)}) -> {dst} "
+            f"(torch training file, {BOOKKEEPING} = 0)")
+
+
+def _training_to_canonical(src: Path, dst: Path) -> str:
+    from shared import frameworks
+
+    _check_dst(src, dst, (CANONICAL_SUFFIX,), "a canonical training checkpoint")
+    state, meta = frameworks.load("torch", "weights").read_training_file(src)
+    arch = _check_training(state, meta, f"training file {src}")
+    save_training_checkpoint(dst, state, _carried(meta, src, "freeze-parity convert "
+                                                             "(torch training file)"))
+    return (f"{src} (torch training file: {_describe(state, arch)}) -> {dst} "
+            f"(canonical training checkpoint)")

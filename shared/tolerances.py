@@ -147,3 +147,11 @@ ENVELOPE_SEEDS = (1, 2)
 ENVELOPE_MAX_SEEDS = 6
 FLOAT64_RUN_ATOL = 1e-10
 LOCKSTEP_STATS_SUM_C = 8.0
+
+# --- training states (shared/training_state.py) ---------------------------------------------
+# A float64 Keras model's SGD velocity v becomes torch's buffer b = v / -lr and comes back as
+# -lr * b, each rounded to float64 once: lr is a float32, not a power of 2, so a float64 b
+# cannot hold every float64 v / -lr and v comes back within one unit in the last place
+# (float32 models: exact, b has 29 bits more than v). At most 1 ulp measured on tinyconv
+# `full`, 3 SGD steps (tests/test_training_state.py).
+TRAINING_STATE_FLOAT64_VELOCITY_ULPS = 1

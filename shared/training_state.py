@@ -22,7 +22,14 @@ Slot conventions (torch's):
   dampening.
 * Adam: ``exp_avg`` and ``exp_avg_sq`` (Keras's momentums and velocities, the
   same moments); ``step`` counts the updates (torch keeps one per parameter,
-  Keras one ``iterations``).
+  Keras one ``iterations``). torch's SGD keeps no step count: a state exported
+  from it says 0 (SGD's update does not read it).
+
+``parameters`` lists the canonical keys the optimizer updates, in its order
+(which tensors train: the freezing strategy), so a state with no slots yet
+still says what the optimizer holds, and a torch training file written from it
+(``torch_impl.weights.write_training_file``) numbers its parameters the way
+``torch.optim.Optimizer.load_state_dict`` expects.
 
 Arrays are held as given (float64 for a float64 run, and for the slots that
 Keras's velocity was divided into); a training checkpoint file stores them as
@@ -46,13 +53,17 @@ from shared.checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["KIND", "OPTIMIZER_SLOTS", "TrainingState", "load_training_checkpoint",
-           "save_training_checkpoint"]
+__all__ = ["KIND", "OPTIMIZER_SLOTS", "NotATrainingFile", "TrainingState",
+           "is_training_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
 
 KIND = "training"
 # canonical slot names per optimizer (torch's names)
 OPTIMIZER_SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
 _MODEL = "model/"
+
+
+class NotATrainingFile(CheckpointError):
+    """A readable file that holds no training state (a weights checkpoint, a state_dict)."""
 
 
 @dataclass
@@ -65,6 +76,8 @@ class TrainingState:
     step: int = 0
     # the optimizer's hyperparameters (learning_rate, momentum, betas, epsilon), as floats
     hyper: dict[str, float] = field(default_factory=dict)
+    # canonical keys the optimizer updates, in its order ([]: not recorded, the slot keys)
+    parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZER_SLOTS:
@@ -74,11 +87,27 @@ class TrainingState:
         if unknown:
             raise ValueError(f"training state: {self.optimizer} has no slot {unknown[0]!r}; "
                              f"expected {', '.join(OPTIMIZER_SLOTS[self.optimizer])}")
+        self.parameters = list(self.parameters)
+        unknown = [k for k in self.parameters if k not in self.tensors]
+        if unknown:
+            raise ValueError(f"training state: parameter {unknown[0]!r} is not a model tensor")
+        if len(set(self.parameters)) != len(self.parameters):
+            twice = next(k for k in self.parameters if self.parameters.count(k) > 1)
+            raise ValueError(f"training state: parameter {twice!r} is listed twice")
         for name, values in self.slots.items():
             stray = sorted(set(values) - set(self.tensors))
             if stray:
                 raise ValueError(f"training state: slot {name!r} key {stray[0]!r} is not a "
                                  f"model tensor")
+            stray = sorted(set(values) - set(self.parameters)) if self.parameters else []
+            if stray:
+                raise ValueError(f"training state: slot {name!r} key {stray[0]!r} is not one "
+                                 f"of the optimizer's parameters")
+            for key in sorted(values):
+                got, want = np.shape(values[key]), np.shape(self.tensors[key])
+                if got != want:
+                    raise ValueError(f"training state: slot {name!r} key {key!r}: shape "
+                                     f"expected {want}, got {got}")
         if int(self.step) < 0:
             raise ValueError(f"training state: step must be >= 0, got {self.step}")
         self.step = int(self.step)
@@ -88,7 +117,7 @@ class TrainingState:
         return TrainingState(
             {k: np.asarray(v, dtype) for k, v in self.tensors.items()}, self.optimizer,
             {s: {k: np.asarray(v, dtype) for k, v in vals.items()} for s, vals in self.slots.items()},
-            self.step, dict(self.hyper))
+            self.step, dict(self.hyper), list(self.parameters))
 
     def trainable_keys(self) -> list[str]:
         """Keys that carry optimizer state (every slot's keys, sorted)."""
@@ -102,8 +131,21 @@ def save_training_checkpoint(path, state: TrainingState, meta: Mapping[str, str]
     for name, values in state.slots.items():
         tensors.update({f"{name}/{k}": np.asarray(v) for k, v in values.items()})
     meta = {**meta, "kind": KIND, "optimizer": state.optimizer, "step": str(state.step),
-            "hyper": json.dumps({k: float(v) for k, v in sorted(state.hyper.items())})}
+            "hyper": json.dumps({k: float(v) for k, v in sorted(state.hyper.items())}),
+            "parameters": json.dumps(list(state.parameters))}
     return save_checkpoint(path, tensors, meta, dtypes=FLOAT32_OR_64)
+
+
+def is_training_checkpoint(path) -> bool:
+    """True for a canonical checkpoint whose meta says kind "training" (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001  (not a readable safetensors file: not one)
+        return False
+    return meta.get("kind") == KIND and "format_version" in meta
 
 
 def load_training_checkpoint(path, *, expected: Mapping[str, tuple[int, ...]] | None = None
@@ -115,7 +157,7 @@ def load_training_checkpoint(path, *, expected: Mapping[str, tuple[int, ...]] | 
     tensors, meta = load_checkpoint(path, dtypes=FLOAT32_OR_64)
     where = f"checkpoint {path}"
     if meta.get("kind") != KIND:
-        raise CheckpointError(f"{where}: not a training checkpoint (meta 'kind' is "
+        raise NotATrainingFile(f"{where}: not a training checkpoint (meta 'kind' is "
                               f"{meta.get('kind')!r}, expected {KIND!r})")
     optimizer = meta.get("optimizer", "")
     if optimizer not in OPTIMIZER_SLOTS:
@@ -124,8 +166,12 @@ def load_training_checkpoint(path, *, expected: Mapping[str, tuple[int, ...]] | 
     try:
         step = int(meta.get("step", ""))
         hyper = {str(k): float(v) for k, v in json.loads(meta.get("hyper", "{}")).items()}
+        parameters = json.loads(meta.get("parameters", "[]"))
+        if not (isinstance(parameters, list) and all(isinstance(k, str) for k in parameters)):
+            raise ValueError(f"'parameters' is not a list of keys: {meta['parameters'][:80]!r}")
     except (TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{where}: meta 'step'/'hyper' unreadable: {exc}") from None
+        raise CheckpointError(f"{where}: meta 'step'/'hyper'/'parameters' unreadable: "
+                              f"{' '.join(str(exc).split())}") from None
     model, slots = {}, {}
     for key, value in tensors.items():
         prefix, _, name = key.partition("/")
@@ -139,12 +185,7 @@ def load_training_checkpoint(path, *, expected: Mapping[str, tuple[int, ...]] | 
     if expected is not None:
         check_tensors(model, expected, where, FLOAT32_OR_64)
     try:
-        state = TrainingState(model, optimizer, slots, step, hyper)
+        state = TrainingState(model, optimizer, slots, step, hyper, parameters)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    for name, values in slots.items():
-        for key, value in values.items():
-            if value.shape != model[key].shape:
-                raise CheckpointError(f"{where}: key {name + '/' + key!r}: shape expected "
-                                      f"{model[key].shape}, got {value.shape}")
     return state, meta

@@ -1,4 +1,5 @@
-"""``freeze-parity convert``: torchvision ResNet-18 state_dict <-> canonical checkpoint.
+"""``freeze-parity convert``: torchvision ResNet-18 state_dict <-> canonical checkpoint, and
+torch training file <-> canonical training checkpoint.
 
 The command is called through its own module (``add_parser`` + ``run``) so it
 is testable before the other subcommands exist; one test runs the whole command
@@ -23,7 +24,10 @@ from shared.cli import COMMANDS
 from shared.commands import convert as convert_command
 from shared.convert import is_canonical_checkpoint, to_canonical_key, to_torchvision_key
 from shared.errors import UsageError
+from shared.training_state import load_training_checkpoint, save_training_checkpoint
+from torch_impl import model as torch_model
 from torch_impl import resnet
+from torch_impl import weights as torch_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = "layer3.1.conv2.weight"  # a key removed or reshaped by the malformed cases
@@ -306,3 +310,217 @@ def test_convert_cli_roundtrip_and_bad_input_exit_2_one_line(tmp_path, pth):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert LAYER in done.stderr and not (tmp_path / "c.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- #
+# training files: torch's .pt <-> canonical training checkpoint
+# --------------------------------------------------------------------------- #
+CLASSES = 5
+TRAINED = "base.block1.conv.weight"  # the first parameter tinyconv's optimizer updates
+
+
+def _torch_training(arch: str, optimizer: str, head_only: bool = False, steps: int = 2):
+    """A project model and its optimizer after ``steps`` steps on a fixed random batch."""
+    torch.manual_seed(0)
+    model = torch_model.build_model(arch, CLASSES)
+    params = list(model.head.parameters()) if head_only else list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9) if optimizer == "sgd" else
+           torch.optim.Adam(params, lr=1e-3, eps=1e-12))
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % CLASSES
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _step(model, opt) -> None:
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(torch.ones(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("arch, optimizer, head_only", [
+    ("tinyconv", "sgd", False), ("tinyconv", "adam", False), ("tinyconv", "sgd", True),
+    ("resnet18", "sgd", False),
+], ids=["tinyconv-sgd", "tinyconv-adam", "tinyconv-sgd-head-only", "resnet18-sgd"])
+def test_convert_training_file_to_canonical_and_back_exact(tmp_path, arch, optimizer, head_only):
+    """torch's training file -> canonical training checkpoint: every tensor, slot, the step and
+    the optimized parameters (in the optimizer's order) as torch holds them; -> back: a file
+    plain torch resumes from (``load_state_dict`` of both), taking the next step bit for bit
+    as the original does."""
+    model, opt = _torch_training(arch, optimizer, head_only)
+    names = {id(p): k for k, p in model.named_parameters()}
+    order = [names[id(p)] for p in opt.param_groups[0]["params"]]
+    src, mid, back = tmp_path / "run.pt", tmp_path / "run.safetensors", tmp_path / "back.pt"
+    torch_weights.save_training_file(src, model, opt)
+    assert torch_weights.is_training_file(src) and not is_canonical_checkpoint(src)
+    assert _convert(src, mid) == 0
+    state, meta = load_training_checkpoint(mid)
+    assert meta["arch"] == arch and meta["made_by"].startswith("freeze-parity convert")
+    assert state.optimizer == optimizer and state.parameters == order
+    assert state.step == (2 if optimizer == "adam" else 0)  # torch's SGD counts no steps
+    for key, value in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert state.tensors[key].dtype == np.float32
+            assert np.array_equal(state.tensors[key], value.numpy()), key
+    for p in opt.param_groups[0]["params"]:
+        for slot, value in opt.state[p].items():
+            if slot != "step":
+                assert np.array_equal(state.slots[slot][names[id(p)]], value.numpy()), slot
+
+    assert _convert(mid, back) == 0
+    saved = torch.load(back, map_location="cpu", weights_only=True)
+    fresh, fresh_opt = _torch_training(arch, optimizer, head_only, steps=0)
+    fresh.load_state_dict(saved["model"], strict=True)
+    fresh_opt.load_state_dict(saved["optimizer"])
+    for (key, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b) or key.endswith("num_batches_tracked"), key
+    _step(model, opt)
+    _step(fresh, fresh_opt)
+    for (key, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), f"{key}: the resumed step differs"
+    assert _files(tmp_path) == ["back.pt", "run.pt", "run.safetensors"]  # no temporary files
+
+
+def _training_contents(tmp_path, optimizer="sgd") -> dict:
+    model, opt = _torch_training("tinyconv", optimizer)
+    torch_weights.save_training_file(tmp_path / "good.pt", model, opt)
+    contents = torch.load(tmp_path / "good.pt", weights_only=True)
+    (tmp_path / "good.pt").unlink()
+    return contents
+
+
+def _set(path: str, value):
+    """A change to the file's contents at ``path`` ("a/b/0/c": nested keys)."""
+    def change(contents):
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
+        target = contents
+        for key in parents:
+            target = target[key]
+        if value is None:
+            del target[last]
+        else:
+            target[last] = value(target[last]) if callable(value) else value
+        return contents
+    return change
+
+
+MALFORMED_TRAINING = {
+    "format_version": (_set("format_version", "2"), "sgd",
+                       ["entry 'format_version'", "expected '1', got '2'"]),
+    "unknown_arch": (_set("arch", "resnet34"), "sgd", ["meta key 'arch'", "'resnet34'"]),
+    "missing_parameter": (_set("model/base.block2.conv.weight", None), "sgd",
+                          ["parameter 'base.block2.conv.weight' is not a model tensor"]),
+    "missing_statistic": (_set("model/base.block2.bn.running_var", None), "sgd",
+                          ["missing key(s) 'base.block2.bn.running_var'"]),
+    "slot_shape": (_set("optimizer/state/0/momentum_buffer", lambda v: v[:, :1]), "sgd",
+                   ["slot 'momentum_buffer'", f"key '{TRAINED}'",
+                    "shape expected (16, 3, 3, 3), got (16, 1, 3, 3)"]),
+    "unknown_slot": (_set("optimizer/state/0/max_exp_avg_sq", torch.zeros(1)), "adam",
+                     [f"optimizer state of '{TRAINED}'", "unexpected entry 'max_exp_avg_sq'"]),
+    "parameter_count": (_set("parameters", lambda names: names[:-1]), "sgd",
+                        ["param_groups number 11 parameters", "'parameters' names 10"]),
+    "float16_slot": (_set("optimizer/state/0/momentum_buffer", lambda v: v.half()), "sgd",
+                     ["slot 'momentum_buffer'", f"key '{TRAINED}'", "float16"]),
+    "adam_step": (_set("optimizer/state/0/step", torch.tensor(5.0)), "adam",
+                  ["optimizer state took [2, 5] steps", "'step' says 2"]),
+    "kind_mismatch": (_set("optimizer_kind", "adam"), "sgd",
+                      ["param_groups have no 'betas'", "'optimizer_kind' says 'adam'"]),
+    "meta_not_strings": (_set("meta", {"epochs": 3}), "sgd", ["entry 'meta'", "str to str"]),
+    "negative_step": (_set("step", -1), "sgd", ["step must be >= 0, got -1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_TRAINING))
+def test_convert_malformed_training_file_names_the_entry(tmp_path, case):
+    change, optimizer, words = MALFORMED_TRAINING[case]
+    src, dst = tmp_path / "bad.pt", tmp_path / "out.safetensors"
+    torch.save(change(_training_contents(tmp_path, optimizer)), src)
+    with pytest.raises(CheckpointError) as info:
+        _convert(src, dst)
+    message = str(info.value)
+    assert "\n" not in message and f"training file {src}" in message, message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert _files(tmp_path) == ["bad.pt"]
+
+
+def test_read_training_file_uses_weights_only(tmp_path):
+    """A training file carrying a pickled object (here a module in 'meta') is refused by
+    ``torch.load(weights_only=True)``, not unpickled; convert then reads it as no training
+    file, and the state_dict reader refuses it the same way."""
+    contents = _training_contents(tmp_path)
+    contents["meta"] = torch.nn.Linear(2, 2)
+    src = tmp_path / "pickled.pt"
+    torch.save(contents, src)
+    with pytest.raises(CheckpointError, match="could not be read \\(torch.load, weights_only\\)"):
+        torch_weights.read_training_file(src)
+    assert not torch_weights.is_training_file(src)
+    with pytest.raises(CheckpointError, match="could not be read as a state_dict"):
+        _convert(src, tmp_path / "out.safetensors")
+    assert _files(tmp_path) == ["pickled.pt"]
+
+
+@pytest.fixture
+def training_checkpoint(tmp_path):
+    model, opt = _torch_training("tinyconv", "sgd")
+    path = tmp_path / "run.safetensors"
+    save_training_checkpoint(path, torch_weights.export_training_state(model, opt, np.float32),
+                             {"arch": "tinyconv"})
+    return path
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("unknown_arch", CheckpointError, ["meta key 'arch'", "'mynet'"]),
+    ("missing_key", CheckpointError, ["missing key", "'base.block2.bn.running_var'"]),
+    ("wrong_dst_suffix", UsageError, ["DST", "a torch training file needs suffix .pth or .pt"]),
+])
+def test_convert_bad_training_checkpoint_names_the_key(tmp_path, training_checkpoint, case,
+                                                       error, words):
+    state, meta = load_training_checkpoint(training_checkpoint)
+    src, dst = tmp_path / "src.safetensors", tmp_path / "out.pt"
+    if case == "unknown_arch":
+        meta["arch"] = "mynet"
+    elif case == "missing_key":
+        del state.tensors["base.block2.bn.running_var"]
+    else:
+        dst = tmp_path / "out.safetensors"
+    save_training_checkpoint(src, state, {k: v for k, v in meta.items() if k != "format_version"})
+    training_checkpoint.unlink()
+    with pytest.raises(error) as info:
+        _convert(src, dst)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert _files(tmp_path) == ["src.safetensors"]
+
+
+def test_write_training_file_failure_leaves_no_file_and_the_old_one_intact(tmp_path, monkeypatch,
+                                                                           training_checkpoint):
+    """torch.save failing half-way (disk full) leaves neither a partial file nor a temporary
+    one, and the file already at DST as it was."""
+    dst = tmp_path / "out.pt"
+    dst.write_bytes(b"the previous file")
+
+    def failing_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a pickle")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        _convert(training_checkpoint, dst)
+    assert dst.read_bytes() == b"the previous file"
+    assert _files(tmp_path) == ["out.pt", "run.safetensors"]
+
+
+@pytest.mark.skipif(bool(_ABSENT_COMMANDS), reason="shared.cli imports every command module")
+def test_convert_cli_training_file_bad_input_exit_2_one_line(tmp_path):
+    src, dst = tmp_path / "bad.pt", tmp_path / "out.safetensors"
+    torch.save(_set("model/base.block2.conv.weight", None)(_training_contents(tmp_path)), src)
+    done = cli("convert", src, dst, env={"FREEZE_PARITY_DEBUG": None})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "base.block2.conv.weight" in done.stderr and not dst.exists()

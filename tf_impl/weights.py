@@ -9,17 +9,27 @@ container layer's ``named_children()`` (see ``tf_impl/model.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import keras
 import numpy as np
 
 from shared.checkpoint import FLOAT32_OR_64, check_holdable, check_tensors
-from shared.training_state import OPTIMIZER_SLOTS, TrainingState
+from shared.training_state import (
+    OPTIMIZER_SLOTS,
+    TrainingState,
+    is_training_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from tf_impl.model import named_leaves
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
            "export_training_state", "import_training_state", "training_variables",
-           "training_state_values", "training_state_from_values",
-           "to_canonical", "from_canonical", "activation_to_canonical",
+           "training_state_values", "training_state_from_values", "save_training_file",
+           "load_training_file", "read_training_file", "write_training_file",
+           "is_training_file", "to_canonical", "from_canonical", "activation_to_canonical",
            "activation_from_canonical"]
 
 # Keras layout -> canonical layout, and back (the one place transposes live).
@@ -168,12 +178,17 @@ def training_state_values(model, optimizer, state: TrainingState,
     # SGD: v = -lr * b, one float64 rounding (b came from v / -lr: v exactly again)
     scale = -_learning_rate(optimizer) if kind == "sgd" else 1.0
     for key, var, layout, index in optimized:
-        held = [state.slots.get(name, {}).get(key) for name in OPTIMIZER_SLOTS[kind]]
-        if kind == "adam" and state.step > 0 and any(v is None for v in held):
+        held = {name: state.slots[name][key] for name in OPTIMIZER_SLOTS[kind]
+                if key in state.slots.get(name, {})}
+        if kind == "adam" and state.step > 0 and not held:
             raise ValueError(f"{where}: key {key!r}: no adam slots at step {state.step} "
                              f"(Adam's bias correction needs the moments of every parameter)")
+        if held and len(held) != len(OPTIMIZER_SLOTS[kind]):
+            raise ValueError(f"{where}: key {key!r}: has {sorted(held)} but not every "
+                             f"{kind} slot ({', '.join(OPTIMIZER_SLOTS[kind])})")
         shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
-        for name, value in zip(OPTIMIZER_SLOTS[kind][:len(lists)], held):
+        for name in OPTIMIZER_SLOTS[kind][:len(lists)]:
+            value = held.get(name)
             if value is None:  # no state yet: Keras's own start, zeros
                 values.append(np.zeros(var.shape, var.dtype))
                 continue
@@ -198,15 +213,19 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
     names = OPTIMIZER_SLOTS[kind][:len(lists)]
     slots = {name: {} for name in names}
     # SGD: b = v / -lr, one float64 rounding: v -> b -> v is exact for float32 variables
+    # (float64 ones come back within one unit in the last place: a float64 b cannot hold
+    # every float64 v divided by a float32 learning rate)
     divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
     rest = iter(values[len(variables):])
-    for key, _, layout, _ in _optimized(model, optimizer):
+    optimized = _optimized(model, optimizer)
+    for key, _, layout, _ in optimized:
         for name in names:
             value = np.asarray(next(rest), np.float64)
             slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
     step = int(next(rest))
     return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
-                         _hyper(optimizer, kind))
+                         _hyper(optimizer, kind),
+                         [key for key, *_ in sorted(optimized, key=lambda item: item[3])])
 
 
 def _keras_layout(value: np.ndarray, layout: str, dtype) -> np.ndarray:
@@ -221,9 +240,12 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
     (step 0), as a torch optimizer before its first step.
     """
     optimizer = optimizer if optimizer is not None else model.optimizer
-    if not optimizer.built:
+    if not optimizer.built:  # what it will be built on: the model's trainable variables
         kind = _optimizer_kind(optimizer)
-        return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind))
+        trainable = {id(var) for var in model.trainable_variables}
+        return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind),
+                             [key for key, (var, _) in _variables(model).items()
+                              if id(var) in trainable])
     values = [keras.ops.convert_to_numpy(v) for v in training_variables(model, optimizer)]
     return training_state_from_values(model, optimizer, values, dtype)
 
@@ -231,7 +253,8 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
 def import_training_state(model, optimizer, state: TrainingState,
                           where: str = "training state") -> None:
     """Load ``state`` into ``model`` and ``optimizer`` (None: ``model.optimizer``): slots,
-    ``iterations``; exact for its dtype.
+    ``iterations``; exact for its dtype. Every check comes before anything is set: a
+    refused state changes nothing.
 
     Builds the optimizer on ``model.trainable_variables`` if it is not built yet. A
     variable the state has no slot for starts from zeros (torch: no buffer yet).
@@ -240,6 +263,55 @@ def import_training_state(model, optimizer, state: TrainingState,
     for var, value in zip(training_variables(model, optimizer), values):
         var.assign(value)
 
+
+# --- training files: each framework's own file for a training state -------------------------
+# Keras's is the canonical training checkpoint itself (``shared.training_state``: a
+# ``.safetensors`` with meta ``kind`` "training"), written from a compiled model and read
+# into one. Model tensors and Adam's moments are stored in the model's dtype (its own
+# values, exact); SGD's momentum buffers in float64 (b = v / -lr, see above).
+def save_training_file(path, model, optimizer=None, meta: Mapping[str, str] | None = None) -> Path:
+    """``model`` and ``optimizer`` (None: ``model.optimizer``) as Keras's training file
+    (a canonical training checkpoint), written atomically.
+
+    ``meta`` (str -> str) needs ``arch`` unless the model has one (the project's do).
+    """
+    state = export_training_state(model, optimizer, np.float64)
+    dtype = next(iter(_variables(model).values()))[0].dtype
+    held = {name: values if name == "momentum_buffer" else
+            {k: v.astype(dtype) for k, v in values.items()} for name, values in state.slots.items()}
+    state = TrainingState({k: v.astype(dtype) for k, v in state.tensors.items()}, state.optimizer,
+                          held, state.step, state.hyper, state.parameters)
+    return write_training_file(path, state, {"arch": getattr(model, "arch", ""), **(meta or {})})
+
+
+def load_training_file(path, model, optimizer=None) -> TrainingState:
+    """Read Keras's training file into ``model`` and ``optimizer`` (None: ``model.optimizer``);
+    the state it held.
+
+    Parameters are matched by canonical key, not by position.
+    """
+    where = f"training file {path}"
+    state, _ = read_training_file(path, expected=canonical_shapes(model))
+    import_training_state(model, optimizer, state, where)
+    return state
+
+
+def read_training_file(path, *, expected: Mapping[str, tuple[int, ...]] | None = None
+                       ) -> tuple[TrainingState, dict[str, str]]:
+    """Keras's training file as a canonical state and its meta (``arch`` included), no model
+    needed; ``expected`` (key -> shape) checks the model tensors."""
+    return load_training_checkpoint(path, expected=expected)
+
+
+def write_training_file(path, state: TrainingState, meta: Mapping[str, str]) -> Path:
+    """Write a canonical state as Keras's training file, atomically (arrays as they are);
+    ``meta`` needs ``arch``."""
+    return save_training_checkpoint(path, state, meta)
+
+
+def is_training_file(path) -> bool:
+    """True for a file :func:`read_training_file` takes (its header says so; no tensors read)."""
+    return is_training_checkpoint(path)
 
 # --- single tensors, for layers outside the project's own trees (``tf_impl/port.py``) ---
 def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None) -> np.ndarray:
