@@ -280,11 +280,7 @@ class Stepper:
         self._loss = _inference_loss(self.trainee)
         self.trainee.compile(optimizer=make_optimizer(config), loss=_loss(config.dtype),
                              metrics=[BatchLoss(dtype=config.dtype)])
-        # lockstep: a loaded state not yet stepped from, the values after a loaded step,
-        # and the traced load-and-step (built on the first load)
-        self._pending: list[np.ndarray] | None = None
-        self._after: list[np.ndarray] | None = None
-        self._loaded_step = None
+        self._traced = None  # the traced load / step / read of a lockstep run (first load)
 
     def eval_loss(self, idx: np.ndarray) -> float:
         """Inference-mode loss of the samples ``idx`` at the current weights."""
@@ -294,16 +290,9 @@ class Stepper:
         """One update on the samples ``idx``: (training-mode loss, inference-mode loss at the
         pre-update weights)."""
         x, y = self.inputs[idx], self.prepared.train.labels[idx]
-        if self._pending is not None:
-            values, self._pending = self._pending, None
-            flat = np.concatenate([np.ravel(v) for v in values[:-1]]).astype(self.config.dtype)
-            eval_loss, train_loss, after, step = self._loaded_step(flat, values[-1], x, y)
-            after = np.asarray(after)
-            self._after = [part.reshape(v.shape) for part, v in
-                           zip(np.split(after, np.cumsum([v.size for v in values[:-2]])),
-                               values[:-1])] + [np.asarray(step)]
+        if self._traced is not None:  # a lockstep run: one traced call, not two
+            eval_loss, train_loss = self._traced.step(x, y)
             return float(train_loss), float(eval_loss)
-        self._after = None
         eval_loss = self.eval_loss(idx)
         logs = self.trainee.train_on_batch(x, y, return_dict=True)
         return float(logs["batch_loss"]), eval_loss
@@ -315,49 +304,70 @@ class Stepper:
 
     def state(self, dtype=np.float64) -> TrainingState:
         """Model tensors and optimizer slots now (float64: exact for any run)."""
-        values = self._pending if self._pending is not None else self._after
-        if values is not None:
-            return training_state_from_values(self.model, self.trainee.optimizer, values, dtype)
+        if self._traced is not None:
+            return training_state_from_values(self.model, self.trainee.optimizer,
+                                              self._traced.read(), dtype)
         return export_training_state(self.model, self.trainee.optimizer, dtype)
 
     def load(self, state: TrainingState, where: str = "training state") -> None:
         """Continue from ``state`` (model tensors, optimizer slots and step count).
 
-        The next :meth:`step` sets the variables and takes the step in one traced call
-        (Keras's own ``train_step``, as ``fit`` runs it): a lockstep run loads a state
-        before every step, and variable by variable that costs more than the step.
+        A lockstep run loads a state before every step; variable by variable that costs
+        more than the step, so the first load traces three functions (set every variable
+        from one flat buffer, take the step, read them back) and every later one is a
+        single call. The step is Keras's own ``train_step``, as ``fit`` runs it.
         """
         values = training_state_values(self.model, self.trainee.optimizer, state, where)
-        if self._loaded_step is None:
-            self._loaded_step = self._trace_loaded_step()
-        self._pending, self._after = values, None
+        if self._traced is None:
+            self._traced = _TracedState(self)
+        self._traced.write(values)
 
-    def _trace_loaded_step(self):
-        trainee = self.trainee
-        variables = training_variables(self.model, trainee.optimizer)
+
+class _TracedState:
+    """A Stepper's variables set and read as one flat buffer, and its step, traced once."""
+
+    def __init__(self, stepper: Stepper):
+        trainee = stepper.trainee
+        self.variables = training_variables(stepper.model, trainee.optimizer)
         # Keras builds its compiled metrics on the first train_step: not inside a traced
-        # function that then runs again. One step here (every variable is set again by
-        # the first load anyway).
-        first = self.prepared.indices[0]
-        trainee.train_on_batch(self.inputs[first], self.prepared.train.labels[first])
+        # function that then runs again. One step here (the load that follows sets every
+        # variable again).
+        first = stepper.prepared.indices[0]
+        trainee.train_on_batch(stepper.inputs[first], stepper.prepared.train.labels[first])
+        floats, iterations = self.variables[:-1], self.variables[-1]
+        self.shapes = [tuple(v.shape) for v in floats]
+        self.sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.dtype = stepper.config.dtype
+        sizes = self.sizes
 
-        floats, iterations = variables[:-1], variables[-1]
-        sizes = [int(np.prod(v.shape)) for v in floats]
-
-        # one flat buffer in and out: converting forty arrays per call costs more than the step
         @tf.function(reduce_retracing=True)
-        def loaded_step(flat, step, x, y):
+        def write(flat, step):
             for var, part in zip(floats, tf.split(flat, sizes)):
                 var.assign(tf.reshape(part, var.shape))
             iterations.assign(step)
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y):
             logits = trainee(x, training=False)
             eval_loss = ops.mean(keras.losses.sparse_categorical_crossentropy(
                 y, logits, from_logits=True))
-            logs = trainee.train_step((x, y))
-            out = tf.concat([tf.reshape(var.value, [-1]) for var in floats], axis=0)
-            return eval_loss, logs["batch_loss"], out, iterations.value
+            return eval_loss, trainee.train_step((x, y))["batch_loss"]
 
-        return loaded_step
+        @tf.function
+        def read():
+            return (tf.concat([tf.reshape(var.value, [-1]) for var in floats], axis=0),
+                    iterations.value)
+
+        self._write, self.step, self._read = write, step, read
+
+    def write(self, values: list[np.ndarray]) -> None:
+        flat = np.concatenate([np.ravel(v) for v in values[:-1]]).astype(self.dtype)
+        self._write(flat, values[-1])
+
+    def read(self) -> list[np.ndarray]:
+        flat, step = self._read()
+        parts = np.split(np.asarray(flat), np.cumsum(self.sizes[:-1]))
+        return [part.reshape(shape) for part, shape in zip(parts, self.shapes)] + [np.asarray(step)]
 
 
 def run(config: RunConfig, replica=None, observer=None, stepper: Stepper | None = None) -> RunRecord:
