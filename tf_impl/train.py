@@ -124,6 +124,18 @@ class HeadModel(keras.Model):
         return self.head(x, training=training)
 
 
+@contextlib.contextmanager
+def _floatx(dtype: str):
+    """``fit`` casts float NumPy inputs to ``keras.config.floatx()`` (float32 by default), a
+    float64 model's too: a float64 run sets floatx for its ``fit`` (docs/PORTING.md)."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(previous)
+
+
 def _inference(model):
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
@@ -272,7 +284,7 @@ class Stepper:
             self.inputs = _features(self.model, images)
             self._held_inputs = _features(self.model,
                                           self.prepared.heldout.images.astype(config.dtype))
-            self.trainee = HeadModel(self.model.head)
+            self.trainee = HeadModel(self.model.head, dtype=config.dtype)  # no float32 autocast
         else:
             self.inputs, self.trainee = images, self.model
             self._held_inputs = self.prepared.heldout.images.astype(config.dtype)
@@ -390,8 +402,9 @@ def _run(stepper: Stepper, observer) -> RunRecord:
     before = _state(stepper.model)
     recorder = StepRecorder(stepper, set(eval_points(config)), observer)
     order = np.concatenate(prepared.indices)
-    stepper.trainee.fit(stepper.inputs[order], prepared.train.labels[order],
-                        batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
-                        callbacks=[*stepper.replica.callbacks(), recorder])
+    with _floatx(config.dtype):
+        stepper.trainee.fit(stepper.inputs[order], prepared.train.labels[order],
+                            batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
+                            callbacks=[*stepper.replica.callbacks(), recorder])
     heldout = recorder.heldout + [HeldOut(config.steps, *stepper.heldout())]
     return finish("tf", config, recorder.steps, heldout, before, _state(stepper.model))
