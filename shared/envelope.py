@@ -156,7 +156,7 @@ def _departure(run: RunRecord, exact: RunRecord, env: Envelope, multiple: float)
 
 def judge_free_run(tf: RunRecord, torch: RunRecord, envelope: Envelope,
                    exact: RunRecord | None = None, expected_to_match: bool = True,
-                   multiple: float = tol.ENVELOPE_MULTIPLE) -> FreeRun:
+                   multiple: float | None = None) -> FreeRun:
     """``tf`` against ``torch``, float32, within ``multiple`` times ``envelope``.
 
     ``exact``: the float64 run from the same start (attributes a difference outside the

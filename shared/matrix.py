@@ -153,10 +153,12 @@ def _as_strategy(record: RunRecord, strategy: str) -> RunRecord:
 
 
 def run_strategy(config: RunConfig, shared: _Shared | None = None,
-                 seeds: tuple[int, ...] = tol.ENVELOPE_SEEDS,
-                 max_seeds: int = tol.ENVELOPE_MAX_SEEDS,
+                 seeds: tuple[int, ...] | None = None, max_seeds: int | None = None,
                  note: Callable[[str], None] | None = None) -> StrategyResult:
-    """Every run of one strategy and its verdicts."""
+    """Every run of one strategy and its verdicts (``seeds``, ``max_seeds`` None:
+    ``ENVELOPE_SEEDS``, ``ENVELOPE_MAX_SEEDS``)."""
+    seeds = tuple(tol.ENVELOPE_SEEDS) if seeds is None else tuple(seeds)
+    max_seeds = tol.ENVELOPE_MAX_SEEDS if max_seeds is None else max_seeds
     shared = shared or _Shared()
     note = note or (lambda what: None)
     note("tf run")

@@ -50,8 +50,9 @@ def _compare(cache: Path, *argv: str) -> Completed:
 
 def _formatted(report: dict) -> list[list[str]]:
     columns = report["table"]["columns"]
-    return [[str(row[c["key"]]) if c["format"] is None else format(row[c["key"]], c["format"])
-             for c in columns] for row in report["table"]["rows"]]
+    return [["-" if row[c["key"]] is None else str(row[c["key"]]) if c["format"] is None
+             else format(row[c["key"]], c["format"]) for c in columns]
+            for row in report["table"]["rows"]]
 
 
 def _no_temp_files(directory: Path) -> list[str]:
@@ -128,6 +129,25 @@ def test_compare_figure_is_png_with_one_panel_per_strategy(ok_run):
     assert image.info["strategies"] == ",".join(PAIR)
 
 
+@pytest.mark.slow
+def test_compare_dtype_float64_is_the_exactness_proof(cache, tmp_path):
+    """``--dtype float64``: lockstep with the float64 bounds, both free runs within
+    FLOAT64_RUN_ATOL, no envelope (and no float64 reference: the runs are float64)."""
+    from shared import tolerances
+
+    out = tmp_path / "reports"
+    proc = _compare(cache, "--strategies", "bn_adapt", "--steps", "3", "--dtype", "float64",
+                    "--out", str(out), "--json", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    run = report["runs"]["bn_adapt"]
+    assert report["settings"]["dtype"] == "float64"
+    assert run["lockstep"]["bounds"] == "LOCKSTEP_FLOAT64" and run["lockstep"]["events"] == []
+    assert run["envelope"] is None and run["float64"] is None
+    assert report["table"]["rows"][0]["free_max"] <= tolerances.FLOAT64_RUN_ATOL
+    assert _formatted(report)[0][[c["key"] for c in report["table"]["columns"]].index("envelope")] == "-"
+
+
 # --------------------------------------------------------------------------- #
 # exit 1: a declared expectation fails
 # --------------------------------------------------------------------------- #
@@ -179,12 +199,13 @@ def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--lr", "-1"], "learning_rate must be a positive number"),
     (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--checkpoint", "{tmp}/missing.safetensors"], "file not found"),
     (["--checkpoint", "{corrupt}"], "not a safetensors file"),
     (["--checkpoint", "{other-arch}"], "made for arch 'resnet18', not 'tinyconv'"),
     (["--checkpoint", "{wrong-shape}"], "key 'base.block1.conv.weight': shape expected (16, 3, 3, 3)"),
     (["--out", "{file}/reports"], "--out directory"),
-], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "missing-ckpt",
+], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "dtype", "missing-ckpt",
         "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable"])
 def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv, message):
     """One stderr line as printed, nothing on stdout, no partial report."""

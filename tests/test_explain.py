@@ -17,7 +17,12 @@ from cli_inprocess import cli
 import shared.explain as ex
 from shared import frameworks
 from shared.record import RunConfig
-from shared.tolerances import SAME_FRAMEWORK_ATOL, STEP_LOSS_ATOL, STEP_LOSS_RTOL, TRAP_MIN_GAP
+from shared.tolerances import (
+    LOCKSTEP_LOSS_ATOL,
+    LOCKSTEP_LOSS_RTOL,
+    SAME_FRAMEWORK_ATOL,
+    TRAP_MIN_GAP,
+)
 
 EXAMPLES = 100  # 3 batches of 32 and one of 4
 
@@ -183,12 +188,12 @@ def test_explain_frozen_gap_is_all_weight_updates_like_a_loop_written_here(measu
     d = ex.decompose(measure(framework, "frozen"))
     fit, evaluated = _reference_frozen_epoch(framework, checkpoint)
     assert fit - evaluated > TRAP_MIN_GAP  # there is a gap to explain
-    assert abs(d.fit_reported - fit) <= STEP_LOSS_ATOL, (d.fit_reported, fit)
-    assert abs(d.evaluated - evaluated) <= STEP_LOSS_ATOL, (d.evaluated, evaluated)
+    assert abs(d.fit_reported - fit) <= LOCKSTEP_LOSS_ATOL, (d.fit_reported, fit)
+    assert abs(d.evaluated - evaluated) <= LOCKSTEP_LOSS_ATOL, (d.evaluated, evaluated)
     assert d.bn_mode == 0.0
-    assert abs(d.weight_updates - (fit - evaluated)) <= STEP_LOSS_ATOL, (d.weight_updates,
+    assert abs(d.weight_updates - (fit - evaluated)) <= LOCKSTEP_LOSS_ATOL, (d.weight_updates,
                                                                            fit - evaluated)
-    assert abs(d.averaging) <= STEP_LOSS_ATOL
+    assert abs(d.averaging) <= LOCKSTEP_LOSS_ATOL
 
 
 @pytest.mark.slow
@@ -239,7 +244,7 @@ def test_cross_explain_frozen_agrees(measure):
     torch_d = ex.decompose(measure("torch", "frozen"))
     for attr in ("fit_reported", "evaluated", "weight_updates"):
         a, b = getattr(tf_d, attr), getattr(torch_d, attr)
-        assert abs(a - b) <= STEP_LOSS_ATOL + STEP_LOSS_RTOL * abs(b), f"{attr}: tf {a} torch {b}"
+        assert abs(a - b) <= LOCKSTEP_LOSS_ATOL + LOCKSTEP_LOSS_RTOL * abs(b), f"{attr}: tf {a} torch {b}"
 
 
 @pytest.mark.slow

@@ -19,7 +19,11 @@ from table_cells import parse_table
 
 from shared import report as rep
 from shared import tolerances as tol
+from shared.compare import expectation_failures
+from shared.envelope import Envelope, FreeRun
 from shared.errors import UsageError
+from shared.lockstep import LockstepEvent, LockstepRecord
+from shared.matrix import StrategyResult
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
 from shared.strategies import STRATEGIES
 
@@ -27,6 +31,8 @@ STEPS = 5
 # a BN-mode-like train/eval gap and a cross-framework offset, both far above TRAP_MIN_GAP
 GAP = 1000 * tol.TRAP_MIN_GAP
 OFFSET = 300 * tol.TRAP_MIN_GAP
+# numbers the table shows, distinct so that a column reading another's is seen
+LOSS_ONE_STEP, FREE_DIFF, SPREAD, DEPART_TF, DEPART_TORCH = 1.5e-7, 2.5e-7, 3.5e-7, 4.5e-7, 5.5e-7
 
 
 def _record(framework: str, strategy: str, *, offset: float = 0.0, **overrides) -> RunRecord:
@@ -47,19 +53,45 @@ def _record(framework: str, strategy: str, *, offset: float = 0.0, **overrides) 
     )
 
 
-def _pair(strategy: str, **torch_overrides) -> tuple[RunRecord, RunRecord]:
-    differ = OFFSET if strategy == "naive" else 0.0  # naive: each framework's own mistake
-    return _record("tf", strategy), _record("torch", strategy, offset=differ, **torch_overrides)
+def _result(strategy: str, *, lockstep_failure: str = "", free_failure: str = "",
+            finding: str = "", numerics_event: str = "", **torch_overrides) -> StrategyResult:
+    """A StrategyResult whose verdicts are set here by hand (the judging functions are
+    tested in test_lockstep.py and test_envelope.py)."""
+    differ = strategy == "naive"  # naive: each framework's own mistake
+    tf_record = _record("tf", strategy)
+    torch_record = _record("torch", strategy, offset=OFFSET if differ else 0.0, **torch_overrides)
+    lock = LockstepRecord(strategy, "tinyconv", "float32", STEPS, "LOCKSTEP", not differ,
+                          max_loss_diff=LOSS_ONE_STEP, max_ratio=0.1)
+    if numerics_event:
+        lock.events.append(LockstepEvent(1, "tensor head.fc.weight: ...", 5.0, 0.01, False,
+                                         5.0, 0.2, numerics_event))
+    if lockstep_failure:
+        lock.failures.append(lockstep_failure)
+    free = FreeRun(strategy, not differ, tol.ENVELOPE_MULTIPLE,
+                   max_diff=OFFSET if differ else FREE_DIFF, envelope=SPREAD,
+                   tf_departure=None if differ else DEPART_TF,
+                   torch_departure=None if differ else DEPART_TORCH,
+                   departs="tf" if finding else "", finding=finding)
+    if free_failure:
+        free.failures.append(free_failure)
+    envelope = Envelope("torch", [1, 2], {"train_loss": [SPREAD] * STEPS,
+                                          "eval_loss": [SPREAD] * STEPS,
+                                          "heldout_loss": [SPREAD] * 2}, [0.4, 0.4, 0.4])
+    exact = None if differ else dataclasses.replace(torch_record, config={
+        **torch_record.config, "dtype": "float64"})
+    expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
+    return StrategyResult(strategy, "float32", tf_record, torch_record, lock, free, envelope,
+                          exact, expectations)
 
 
-def _report(pairs) -> rep.Report:
-    return rep.build_report(pairs, {"arch": "tinyconv", "optimizer": "sgd", "learning_rate": 0.01,
-                                    "steps": STEPS, "batch_size": 32})
+def _report(results) -> rep.Report:
+    return rep.build_report(results, {"arch": "tinyconv", "optimizer": "sgd",
+                                      "learning_rate": 0.01, "steps": STEPS, "batch_size": 32})
 
 
 @pytest.fixture(scope="module")
 def all_ok() -> rep.Report:
-    return _report([_pair(name) for name in STRATEGIES])
+    return _report([_result(name) for name in STRATEGIES])
 
 
 def test_report_all_ok_verdicts(all_ok):
@@ -67,27 +99,44 @@ def test_report_all_ok_verdicts(all_ok):
     assert all_ok.ok, all_ok.failures
     assert verdicts.pop("naive") == "ok: differs as expected"
     assert set(verdicts.values()) == {"ok"}
+    assert all_ok.findings == []
 
 
-def test_report_rows_hold_last_step_losses_and_largest_gap(all_ok):
-    tf_record, torch_record = _pair("bn_adapt")
+def test_report_rows_hold_last_step_losses_largest_gap_and_the_verdicts_numbers(all_ok):
+    result = _result("bn_adapt")
     row = next(r for r in all_ok.rows if r["strategy"] == "bn_adapt")
-    assert row["tf_train"] == tf_record.steps[-1].train_loss
-    assert row["torch_eval"] == torch_record.steps[-1].eval_loss
-    assert row["tf_gap"] == tf_record.max_train_eval_gap
-    assert row["torch_acc"] == torch_record.heldout[-1].accuracy
-    assert row["tolerance"] == "BATCH_STATS_STEP"
+    assert row["tf_train"] == result.tf.steps[-1].train_loss
+    assert row["torch_eval"] == result.torch.steps[-1].eval_loss
+    assert row["tf_gap"] == result.tf.max_train_eval_gap
+    assert row["torch_acc"] == result.torch.heldout[-1].accuracy
+    assert (row["step_max"], row["free_max"], row["envelope"]) == (LOSS_ONE_STEP, FREE_DIFF, SPREAD)
+    assert (row["tf_vs_f64"], row["torch_vs_f64"]) == (DEPART_TF, DEPART_TORCH)
+    naive = next(r for r in all_ok.rows if r["strategy"] == "naive")
+    assert naive["tf_vs_f64"] is None and naive["torch_vs_f64"] is None  # no float64 run: "-"
+    cells = dict(zip((c.key for c in rep.COLUMNS), all_ok.cells()[rep_index(all_ok, "naive")]))
+    assert cells["tf_vs_f64"] == cells["torch_vs_f64"] == "-"
+
+
+def rep_index(report, strategy: str) -> int:
+    return report.strategies.index(strategy)
+
+
+def _format(value, fmt):
+    return "-" if value is None else str(value) if fmt is None else format(value, fmt)
 
 
 def test_report_json_rows_equal_table_cells(all_ok):
     data = json.loads(rep.render_json(all_ok))
     columns = data["table"]["columns"]
-    formatted = [[str(row[c["key"]]) if c["format"] is None else format(row[c["key"]], c["format"])
-                  for c in columns] for row in data["table"]["rows"]]
+    formatted = [[_format(row[c["key"]], c["format"]) for c in columns]
+                 for row in data["table"]["rows"]]
     assert formatted == all_ok.cells()
     assert [c["title"] for c in columns] == [c.title for c in rep.COLUMNS]
     run = data["runs"]["frozen"]["torch"]
     assert len(run["train_loss"]) == len(run["eval_loss"]) == STEPS
+    assert data["runs"]["frozen"]["envelope"]["seeds"] == [1, 2]
+    assert data["runs"]["frozen"]["lockstep"]["ok"] and data["runs"]["frozen"]["free_run"]["ok"]
+    assert data["runs"]["naive"]["float64"] is None
 
 
 def test_report_printed_table_equals_cells(all_ok):
@@ -107,53 +156,57 @@ def test_report_markdown_table_equals_cells(all_ok):
     assert "](figure.png)" in text
 
 
-def test_report_parity_failure_named():
-    tf_record, _ = _pair("frozen")
-    torch_record = _record("torch", "frozen", offset=OFFSET)
-    report = _report([(tf_record, torch_record)])
-    assert report.rows[0]["verdict"] == "FAIL: parity"
-    assert not report.ok
-    assert any(f.startswith("frozen: train_loss tf vs torch differ") for f in report.failures)
+def test_report_lockstep_failure_named():
+    report = _report([_result("frozen", lockstep_failure="frozen: lockstep step 2: tensor x")])
+    assert report.rows[0]["verdict"] == "FAIL: lockstep"
+    assert not report.ok and report.failures == ["frozen: lockstep step 2: tensor x"]
 
 
-def test_report_parity_failure_in_eval_losses_only_named():
-    """Records whose training-mode losses agree but whose inference-mode losses differ at
-    one step fail parity on eval_loss (compare must read the eval losses themselves)."""
-    tf_record, torch_record = _pair("bn_adapt")
-    assert _report([(tf_record, torch_record)]).rows[0]["verdict"] == "ok"  # must match
-    steps = [StepRecord(s.step, s.train_loss, s.eval_loss + (OFFSET if s.step == 2 else 0.0))
-             for s in torch_record.steps]
-    shifted = dataclasses.replace(torch_record, steps=steps)
-    report = _report([(tf_record, shifted)])
-    assert report.rows[0]["verdict"] == "FAIL: parity"  # must differ
-    assert len(report.failures) == 1
-    assert report.failures[0].startswith(
-        f"bn_adapt: eval_loss tf vs torch differ by {OFFSET:.3g} at index 2")
+def test_report_free_run_failure_named_apart_from_lockstep():
+    report = _report([_result("bn_adapt", free_failure="bn_adapt: free run: tf vs torch 0.5")])
+    assert report.rows[0]["verdict"] == "FAIL: free run"
+    assert report.failures == ["bn_adapt: free run: tf vs torch 0.5"]
+
+
+def test_report_numerics_finding_is_listed_not_a_failure():
+    """One framework's float32 departing from float64 is named in the verdict and the
+    findings, and leaves the report ok (the freezing semantics held)."""
+    report = _report([_result("partial", finding="partial: free run: ... tf's float32 leaves",
+                              numerics_event="torch")])
+    assert report.ok and report.failures == []
+    assert report.rows[0]["verdict"] == "ok; numerics: tf, torch"
+    assert report.findings[0] == "partial: free run: ... tf's float32 leaves"
+    assert report.findings[1].startswith("partial: lockstep: at 1 of 5 steps one framework's")
+    text = rep.render_markdown(report)
+    assert "## Numerics findings (not failures)" in text and "tf's float32 leaves" in text
 
 
 def test_report_expectation_failure_named():
-    report = _report([_pair("frozen", bn_stats_changed=True)])
+    report = _report([_result("frozen", bn_stats_changed=True)])
     assert report.rows[0]["verdict"] == "FAIL: torch expectations"
     assert report.failures == ["frozen[torch]: expected bn_stats_changed=False, got True"]
 
 
 def test_report_naive_agreeing_is_a_failure():
-    report = _report([(_record("tf", "naive"),
-                       _record("torch", "naive", frozen_unchanged=True, bn_stats_changed=False))])
-    assert report.rows[0]["verdict"] == "FAIL: agree, expected to differ, torch expectations"
-    assert len(report.failures) == 3
+    report = _report([_result("naive", frozen_unchanged=True, bn_stats_changed=False,
+                              lockstep_failure="naive: lockstep: expected to differ",
+                              free_failure="naive: free run: expected to differ")])
+    assert report.rows[0]["verdict"] == ("FAIL: lockstep agrees, expected to differ, free run "
+                                         "agrees, expected to differ, torch expectations")
+    assert len(report.failures) == 4
 
 
 def test_report_rejects_swapped_frameworks():
-    tf_record, torch_record = _pair("frozen")
+    result = _result("frozen")
+    swapped = dataclasses.replace(result, tf=result.torch, torch=result.tf)
     with pytest.raises(ValueError, match=r"expected \(tf, torch\) records"):
-        _report([(torch_record, tf_record)])
+        _report([swapped])
 
 
 @pytest.mark.parametrize("count", [1, 4, 6])
 def test_figure_png_has_one_panel_per_strategy(count):
     names = list(STRATEGIES)[:count]
-    png = rep.render_figure(_report([_pair(name) for name in names]))
+    png = rep.render_figure(_report([_result(name) for name in names]))
     image = Image.open(io.BytesIO(png))
     rows, cols, width, height = rep.figure_size(count)
     assert image.format == "PNG"
@@ -195,7 +248,7 @@ def test_write_reports_failure_leaves_previous_reports_untouched(tmp_path, all_o
 
     monkeypatch.setattr(rep, "render_figure", broken)
     with pytest.raises(RuntimeError, match="figure failed"):
-        rep.write_reports(_report([_pair("frozen")]), out)
+        rep.write_reports(_report([_result("frozen")]), out)
     assert _contents(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
 
@@ -223,7 +276,7 @@ def test_write_reports_failure_between_file_renames_keeps_old_set(tmp_path, all_
                                                                  failing_call):
     """Whatever rename fails (of a file or a directory), the old set stays whole."""
     out = tmp_path / "latest"
-    rep.write_reports(_report([_pair("frozen")]), out)
+    rep.write_reports(_report([_result("frozen")]), out)
     before = _contents(out)
     calls = []
     real_replace, real_rename = os.replace, os.rename

@@ -374,3 +374,40 @@ def test_keras_sparse_categorical_crossentropy_rejects_label_smoothing(record_pr
     with pytest.raises(TypeError, match="label_smoothing") as raised:
         keras.losses.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
     record_property("measured", str(raised.value))
+
+
+def test_keras_fit_casts_float64_numpy_inputs_to_floatx(record_property):
+    """Trap: ``fit`` casts float NumPy inputs to ``keras.config.floatx()`` (float32 unless
+    set), even for a model whose every layer is float64: one SGD step of fit is the step
+    on the float32-rounded inputs (written out here in float64). With floatx set to float64
+    it is the step on the inputs themselves."""
+    from shared.tolerances import FLOAT64_NOISE
+
+    rng = np.random.default_rng(0)
+    x = 1.0 + rng.uniform(2.0**-27, 2.0**-25, size=(8, 4))  # below float32's half ulp at 1
+    y = np.zeros((8, 1))
+    rounded = x.astype(np.float32).astype(np.float64)  # all ones
+    lr = 2.0**-4
+
+    def step(inputs):  # d/dw mean((x w)^2) for w = ones, then one SGD step
+        return np.ones(4) - lr * 2 * np.mean((inputs @ np.ones(4))[:, None] * inputs, axis=0)
+
+    def fit_step(floatx: str) -> np.ndarray:
+        previous = keras.config.floatx()
+        model = keras.Sequential([keras.Input((4,), dtype="float64"),
+                                  keras.layers.Dense(1, use_bias=False, dtype="float64",
+                                                     kernel_initializer="ones")])
+        model.compile(optimizer=keras.optimizers.SGD(lr),
+                      loss=keras.losses.MeanSquaredError(dtype="float64"))
+        keras.config.set_floatx(floatx)
+        try:
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        finally:
+            keras.config.set_floatx(previous)
+        return np.asarray(model.layers[0].kernel)[:, 0]
+
+    exact, cast = step(x), step(rounded)
+    record_property("exact_vs_cast_step", float(np.abs(exact - cast).max()))
+    assert np.abs(exact - cast).max() > 1e3 * FLOAT64_NOISE  # the rounding shows in one step
+    assert np.abs(fit_step("float32") - cast).max() <= FLOAT64_NOISE  # fit saw float32 inputs
+    assert np.abs(fit_step("float64") - exact).max() <= FLOAT64_NOISE

@@ -168,7 +168,8 @@ def run(args) -> int:
                   f"framework ...", file=sys.stderr, flush=True)
         replicated = distributed.replica_jobs(list(configs), configs, args.replicas)
         singles = {(r.framework, r.strategy): r for res in results for r in (res.tf, res.torch)}
-        report.replicas = distributed.replica_section(singles, replicated)
+        envelopes = {res.strategy: res.envelope for res in results}
+        report.replicas = distributed.replica_section(singles, replicated, envelopes)
         report.failures += report.replicas["failures"]
         report.settings["replicas"] = args.replicas
     paths = write_reports(report, out)
