@@ -160,8 +160,10 @@ def judge_free_run(tf: RunRecord, torch: RunRecord, envelope: Envelope,
     """``tf`` against ``torch``, float32, within ``multiple`` times ``envelope``.
 
     ``exact``: the float64 run from the same start (attributes a difference outside the
-    envelope to the framework whose float32 left it).
+    envelope to the framework whose float32 left it). ``multiple`` None:
+    ``ENVELOPE_MULTIPLE``.
     """
+    multiple = tol.ENVELOPE_MULTIPLE if multiple is None else multiple
     if len(tf.steps) != len(torch.steps) or len(tf.heldout) != len(torch.heldout):
         raise ValueError(f"free run: step counts differ (tf {len(tf.steps)}, torch "
                          f"{len(torch.steps)})")

@@ -187,7 +187,8 @@ def _ulp(scale: float, eps: float) -> float:
 def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
     bound = b.loss_atol + b.loss_rtol * abs(torch)
     diff = abs(tf - torch)
-    return Check(name, "", diff, bound, diff / bound, tf, torch)
+    ratio = diff / bound if bound > 0 else (np.inf if diff > 0 else 0.0)
+    return Check(name, "", diff, bound, ratio, tf, torch)
 
 
 def _tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,

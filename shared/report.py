@@ -314,12 +314,7 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
         runs = report.runs[row["strategy"]]
         envelope = runs.get("envelope")
         if envelope is not None:
-            # where rounding alone carries the run: torch's train loss +- the allowed multiple
-            band = np.maximum.accumulate(np.asarray(envelope["spread"]["train_loss"]))
-            band = runs["free_run"]["multiple"] * band
-            center = np.asarray(runs["torch"]["train_loss"])
-            ax.fill_between(range(len(center)), center - band, center + band,
-                            color=_COLOURS["torch"], alpha=0.18, linewidth=0)
+            _envelope_inset(ax, runs, envelope)
         for fw in FRAMEWORK_ORDER:
             run = runs[fw]
             steps = range(len(run["train_loss"]))  # step i: measured after i updates
@@ -341,9 +336,9 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
                for fw in FRAMEWORK_ORDER
                for ls, m, what in (("-", None, "train mode"), ("--", None, "eval mode"),
                                    ("none", "o" if fw == "tf" else "x", "held-out"))]
-    handles.append(Patch(color=_COLOURS["torch"], alpha=0.18,
-                         label="rounding envelope x multiple (train mode)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=7, fontsize=9)
+    handles.append(Patch(color="tab:green", alpha=0.25,
+                         label="inset: |tf - torch| (train mode) within the envelope x multiple"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9)
     fig.suptitle(_title(report), fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, metadata={
@@ -354,6 +349,25 @@ def render_figure(report: Report, dpi: int = 100) -> bytes:
         "strategies": ",".join(report.strategies),
     })
     return buffer.getvalue()
+
+
+def _envelope_inset(ax, runs: dict, envelope: dict) -> None:
+    """Top right of a panel, log scale: the free runs' per-step |tf - torch| training-mode
+    loss over the band the verdict allows (the envelope's running maximum x its multiple)."""
+    import numpy as np
+
+    multiple = runs["free_run"]["multiple"]
+    band = multiple * np.maximum.accumulate(np.asarray(envelope["spread"]["train_loss"]))
+    diff = np.abs(np.asarray(runs["tf"]["train_loss"]) - np.asarray(runs["torch"]["train_loss"]))
+    floor = np.finfo(np.float32).eps  # a log axis needs a positive floor
+    inset = ax.inset_axes([0.52, 0.56, 0.45, 0.40])
+    steps = range(len(diff))
+    inset.fill_between(steps, floor, np.maximum(band, floor), color="tab:green", alpha=0.25,
+                       linewidth=0)
+    inset.plot(steps, np.maximum(diff, floor), color="black", linewidth=0.8)
+    inset.set_yscale("log")
+    inset.tick_params(labelsize=6)
+    inset.set_title("|tf - torch| vs envelope", fontsize=7)
 
 
 def write_reports(report: Report, out: str | Path) -> dict[str, Path]:

@@ -647,15 +647,15 @@ def test_cli_run_replicas_prints_replica_summary_and_writes_replica_record(
 
 @pytest.mark.slow
 def test_cli_compare_replicas_adds_replica_table_and_checks_replica_expectations(
-        replica_runs, run_record, tinyconv_checkpoint, tmp_path, monkeypatch, capsys):
+        replica_runs, strategy_result, tinyconv_checkpoint, tmp_path, monkeypatch, capsys):
     import json
 
-    from shared import frameworks
+    from shared import matrix
     from shared.cli import main
 
-    for fw in ("tf", "torch"):  # the same deterministic runs, from the session cache
-        monkeypatch.setattr(frameworks.load(fw, "train"), "run",
-                            lambda config, fw=fw: run_record(fw, config.strategy, steps=config.steps))
+    # the same deterministic single-process matrix, from the session cache
+    monkeypatch.setattr(matrix, "run_matrix", lambda configs, note=None: [
+        strategy_result(c.strategy, steps=c.steps) for c in configs.values()])
     records = {("tf", "frozen"): replica_runs["tf"]["frozen"],
                ("torch", "frozen"): replica_runs["torch"]["frozen"],
                ("tf", "full"): replica_runs["tf"]["full"],

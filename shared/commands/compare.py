@@ -1,11 +1,13 @@
 """``freeze-parity compare``: every strategy in both frameworks, as a table, a report and a figure.
 
 Runs each strategy in Keras and PyTorch from the same pretrained checkpoint,
-on the same batches, and prints one row per strategy (see
-:mod:`shared.report`). Writes ``report.md``, ``report.json`` and
+on the same batches (the matrix of :mod:`shared.matrix`: lockstep, both free
+runs, the rounding envelope, the float64 run), and prints one row per strategy
+(see :mod:`shared.report`). Writes ``report.md``, ``report.json`` and
 ``figure.png`` (all or none) to ``--out``. Exit status: 0 when every declared
-expectation and cross-framework parity holds, 1 when any fails (each named
-below the table), 2 for bad usage or input, checked before anything runs.
+expectation holds, lockstep agrees and every free run stays within its
+envelope (numerics findings are printed, not failures), 1 when any fails (each
+named below the table), 2 for bad usage or input, checked before anything runs.
 """
 
 from __future__ import annotations
