@@ -659,20 +659,20 @@ def test_torch_load_training_file_refuses_a_state_dict(trained, targets, tmp_pat
 
 
 # --------------------------------------------------------------------------- #
-# the README's example, run as it is printed
+# docs/setup.md's example, run as it is printed
 # --------------------------------------------------------------------------- #
 README_EXAMPLE = re.compile(r"### Resume a training in the other framework\n.*?```python\n(.*?)```",
                             re.DOTALL)
 
 
-def test_readme_resume_example_runs_and_torch_holds_the_keras_state(tmp_path, monkeypatch):
-    """The README's "resume in the other framework" block, extracted and run in a fresh
+def test_docs_resume_example_runs_and_torch_holds_the_keras_state(tmp_path, monkeypatch):
+    """docs/setup.md's "resume in the other framework" block, extracted and run in a fresh
     directory: torch's model then holds Keras's weights bit for bit, and its buffers are
     Keras's velocities / -lr (float64, then float32)."""
-    [code] = README_EXAMPLE.findall((ROOT / "README.md").read_text())
+    [code] = README_EXAMPLE.findall((ROOT / "docs" / "setup.md").read_text())
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md (resume example)", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "docs/setup.md (resume example)", "exec"), namespace)  # noqa: S102
     k, t, sgd = namespace["k"], namespace["t"], namespace["sgd"]
     assert (tmp_path / "run.safetensors").is_file() and is_training_checkpoint("run.safetensors")
     lr = np.float64(keras.ops.convert_to_numpy(k.optimizer.learning_rate))
