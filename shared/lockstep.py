@@ -29,6 +29,7 @@ semantics failure, named by step, check and tensor.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -294,8 +295,13 @@ def _worst(checks: list[Check]) -> Check:
 class _Observer:
     """Told by the reference's ``train.run`` about each step; steps the follower alongside."""
 
-    def __init__(self, config: RunConfig, record: LockstepRecord, follower=None):
+    def __init__(self, config: RunConfig, record: LockstepRecord, follower=None,
+                 timings: dict | None = None):
         self.config, self.record = config, record
+        # seconds spent stepping the follower, comparing, deciding in float64 (bench)
+        self.timings = timings if timings is not None else {}
+        for name in ("follower_s", "compare_s", "float64_s"):
+            self.timings.setdefault(name, 0.0)
         self.bounds = step_bounds(config.dtype, config)
         self.follower = follower or frameworks.load(FOLLOWER, "train").Stepper(config)
         self._exact: dict[str, object] | None = None  # float64 steppers, built on first need
@@ -305,12 +311,15 @@ class _Observer:
         # between steps the reference only evaluates (held-out losses): its state is the one
         # the last step left
         self.start = self._next_start if self._next_start is not None else stepper.state()
+        began = time.perf_counter()
         self.follower.load(self.start, f"lockstep step {step}")
         self.follower_losses = self.follower.step(idx)
         self.follower_state = self.follower.state()
+        self.timings["follower_s"] += time.perf_counter() - began
 
     def after_step(self, step: int, idx: np.ndarray, stepper, record) -> None:
         losses = {FOLLOWER: self.follower_losses, REFERENCE: (record.train_loss, record.eval_loss)}
+        began = time.perf_counter()
         after = {FOLLOWER: self.follower_state, REFERENCE: stepper.state()}
         self._next_start = after[REFERENCE]
         checks = compare_step(self.start, losses, after, self.config.strategy, self.bounds)
@@ -319,8 +328,11 @@ class _Observer:
         worst = _worst(checks)
         if worst.ratio > rec.max_ratio:
             rec.max_ratio, rec.max_ratio_at = worst.ratio, f"step {step}: {worst.describe()}"
+        self.timings["compare_s"] += time.perf_counter() - began
         if worst.outside:
+            began = time.perf_counter()
             rec.events.append(self._decide(step, idx, checks, losses, after))
+            self.timings["float64_s"] += time.perf_counter() - began
 
     def _decide(self, step, idx, checks, losses32, after32) -> LockstepEvent:
         """Take the step again in float64 in both frameworks and judge there."""
@@ -359,16 +371,19 @@ class _Observer:
                              departure[FOLLOWER], departure[REFERENCE], departs)
 
 
-def lockstep(config: RunConfig, follower=None) -> tuple[RunRecord, LockstepRecord]:
+def lockstep(config: RunConfig, follower=None,
+             timings: dict | None = None) -> tuple[RunRecord, LockstepRecord]:
     """The reference framework's run (its record) and the lockstep record of the same run.
 
     ``follower``: the other framework's ``Stepper`` of ``config`` to step with (any state:
-    every step loads the reference's), e.g. the one its own free run used.
+    every step loads the reference's), e.g. the one its own free run used. ``timings``: a
+    dict to fill with the seconds spent stepping the follower, comparing and deciding in
+    float64 (records carry no wall-clock time).
     """
     expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
     record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
                             step_bounds(config.dtype, config).name, expected)
-    observer = _Observer(config, record, follower)
+    observer = _Observer(config, record, follower, timings)
     reference = frameworks.load(REFERENCE, "train").run(config, observer=observer)
     semantic = record.semantic_events
     if expected and semantic:

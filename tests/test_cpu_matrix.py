@@ -38,6 +38,8 @@ SETTINGS = {
 }
 # a process runs the demo (about 1 minute of CPU here) and four short seeded compares
 TIMEOUT_S = 900
+FRAMEWORK_LOG = re.compile(r"WARNING:tensorflow|^I0000|absl::|oneDNN custom operations|"
+                           r"cpu_feature_guard")
 VERDICT = re.compile(r"^ok(; numerics: (tf|torch)(, (tf|torch))?)?$")
 
 
@@ -55,7 +57,9 @@ def setting(request, tmp_path_factory):
     except subprocess.TimeoutExpired:
         pytest.fail(f"CPU matrix setting {request.param!r}: no result in {TIMEOUT_S} s")
     assert proc.returncode == 0, f"{request.param}: driver failed:\n{proc.stderr[-3000:]}"
-    return request.param, json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary["process_stderr"] = proc.stderr
+    return request.param, summary
 
 
 @pytest.mark.slow
@@ -69,6 +73,11 @@ def test_cpu_matrix_demo_exits_0_with_the_same_semantics_verdicts(setting):
     for strategy, verdict in verdicts.items():  # numerics findings may name either framework
         assert VERDICT.match(verdict), f"{name}: {strategy}: {verdict}"
     assert demo["failures"] == []
+    # a whole compare builds dozens of Keras models: not one framework log line on stderr
+    # (TensorFlow's start-up log, its "triggered tf.function retracing" warnings)
+    logged = [line for line in summary["process_stderr"].splitlines()
+              if FRAMEWORK_LOG.search(line)]
+    assert not logged, f"{name}: {logged[:3]}"
 
 
 @pytest.mark.slow

@@ -33,4 +33,11 @@ if keras.backend.backend() != "tensorflow":
 # Cross-framework parity is measured in float32: no TF32 on GPUs that have it.
 tf.config.experimental.enable_tensor_float_32_execution(False)
 
+# TensorFlow's Python log: compare builds a model per run (free run, lockstep, float64
+# decisions), and TensorFlow warns on stderr that "5 out of the last 5 calls ... triggered
+# tf.function retracing" (each is a new model's own function, traced once). No framework
+# log line in the project's output (FREEZE_PARITY_DEBUG=1: all of it).
+if not debug_requested():
+    tf.get_logger().setLevel("ERROR")
+
 __all__ = ["keras", "tf"]

@@ -69,6 +69,10 @@ def add_parser(parser) -> None:
     parser.add_argument("--replicas", type=int, default=1,
                         help="instead: per-step time of a data-parallel run with this many "
                              "replicas vs one process, per framework (frozen, tinyconv)")
+    parser.add_argument("--verdicts", action="store_true",
+                        help="instead: what each verdict of compare costs per strategy and "
+                             "framework (lockstep, envelope rerun, float64 run), and the demo's "
+                             "whole matrix against its free runs alone, side by side")
     parser.add_argument("--port", action="store_true",
                         help=f"time only the port check of the project's ResNet-18 pair "
                              f"({PORT_BENCH['strategy']} strategy, {PORT_BENCH['size']}x"
@@ -151,6 +155,15 @@ def run(args) -> int:
 
     if args.replicas != 1:
         return _run_replicas(args)
+    if args.verdicts:
+        from shared.verdict_bench import measure_verdicts, render_verdicts
+
+        result = measure_verdicts(str(args.checkpoint) if args.checkpoint else None,
+                                  repeats=args.repeats or 3)
+        if args.json:
+            atomic_write_json(args.json, result)
+        print("\n".join(render_verdicts(result)))
+        return 0
     if args.port:
         result = bench_port()
         if args.json:
