@@ -126,3 +126,11 @@ RESNET_FLOAT64_STEP_ATOL = 1e-10
 # accuracy moves in whole images: a loss that moves by BATCH_STATS_STEP or
 # FULL_FLOAT32_STEP can flip images near a decision boundary; 0.02 is 4 of 223.
 README_ACCURACY_ATOL = 0.02
+
+# --- the port check's pairing and lint (shared/port/) -------------------------------
+# Preprocessing inside a model, compared as the per-channel map x -> a * x + b its
+# Rescaling / Normalization layers apply: Keras holds a Normalization's mean and variance
+# in float32, a torch Normalize holds Python floats, so the same numbers differ by float32
+# rounding (3e-8 relative in a and b for ConvNeXt's ImageNet mean and variance against
+# the same Python floats in a torchvision Normalize); 30x that.
+PORT_PREPROCESSING_RTOL = 1e-6
