@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.commands.audit import load_target, print_report
+from shared.commands.output import print_report
+from shared.commands.targets import load_target
 from shared.errors import UsageError
 
 __all__ = ["add_parser", "parse_input_shape", "parse_name_map", "run"]
