@@ -355,3 +355,62 @@ def test_port_model_failing_in_training_mode_one_line_port_error():
     with pytest.raises(PortError, match=r"^torch model: the training-mode pass failed "
                                         r"\(RuntimeError: training mode is not supported here\)$"):
         _check(pp.good_keras(), torch_model, transfer_from="torch")
+
+
+# --------------------------------------------------------------------------- #
+# pairing by dataflow, and what the graph cannot decide
+# --------------------------------------------------------------------------- #
+def test_cross_port_shortcut_called_first_in_keras_pairs_by_dataflow_not_call_order():
+    keras_model, torch_model = pp.shortcut_first_keras(), pp.shortcut_after_torch()
+    k_calls = [leaf.name for leaf in kport.describe(keras_model, np.zeros((2, 3, pp.SIZE,
+                                                                             pp.SIZE),
+                                                                            np.float32))
+               if leaf.weighted]
+    assert k_calls.index("shortcut") < k_calls.index("main")  # Keras: the shortcut first
+    report = _check(keras_model, torch_model, transfer_from="torch")
+    assert {(k, t) for k, t, _ in report.pairs} == {(name, name) for name in (
+        "stem", "stem_bn", "main", "main_bn", "shortcut", "shortcut_bn", "fc")}
+    assert report.ok, report.finding_lines()
+
+
+def test_port_twin_branches_ambiguity_one_line_then_name_map_decides():
+    with pytest.raises(PortError, match=r"^pairing is ambiguous: keras layer shortcut "
+                                        r"\(Conv2D.*fits torch modules main, shortcut equally"
+                                        r".*--map shortcut=TORCH_MODULE") as info:
+        _check(pp.twin_branches_keras(), pp.twin_branches_torch())
+    assert "\n" not in str(info.value)
+    report = _check(pp.twin_branches_keras(), pp.twin_branches_torch(), transfer_from="torch",
+                    name_map={"shortcut": "shortcut"})
+    assert ("main", "main", "conv") in report.pairs and report.ok, report.finding_lines()
+
+
+def test_port_non_leaf_parameter_not_a_scale_one_line_port_error():
+    with pytest.raises(PortError, match=r"^torch model: .*'\(model\)' \(Net\): parameter "
+                                        r"'token' \(1, 8\) is used by expand and has no port "
+                                        r"mapping") as info:
+        _check(pp.good_keras(), pp.class_token_torch())
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# stochastic depth against drop-connect dropout; GELU against its tanh approximation
+# --------------------------------------------------------------------------- #
+def test_cross_port_drop_connect_dropout_pairs_with_row_stochastic_depth_no_finding():
+    report = _check(pp.drop_path_keras(), pp.drop_path_torch(), transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    # the two were seen and matched: a batch-wise or another rate is found at them
+    batch = _check(pp.drop_path_keras(), pp.drop_path_batch_torch(), transfer_from="torch")
+    mode = _only(batch, "PORT_DROPOUT_MODE")
+    assert (mode.keras_layer, mode.torch_layer, mode.keras_value, mode.torch_value) == (
+        "drop", "drop", "row", "batch")
+    rate = _only(_check(pp.drop_path_keras(), pp.drop_path_rate_torch(), transfer_from="torch"),
+                 "PORT_DROPOUT_RATE")
+    assert (rate.keras_value, rate.torch_value) == (0.2, 0.3)
+
+
+def test_port_seeded_gelu_tanh_against_exact_found_with_its_size():
+    report = _check(pp.gelu_tanh_keras(), pp.gelu_torch(), transfer_from="torch")
+    finding = _only(report, "PORT_ACTIVATION")
+    assert (finding.keras_layer, finding.keras_value, finding.torch_value) == (
+        "fc1", "gelu_tanh", "gelu")
+    assert "differ by up to 0.00047 per element" in finding.message

@@ -385,8 +385,9 @@ class _Dataflow(TorchFunctionMode):
                        and (shape == (n,) and data[0].shape[-1] == n
                             or shape in ((n, 1, 1), (1, n, 1, 1)) and data[0].shape[1] == n))
         if not per_channel:
-            raise PortError(f"torch module {name.rsplit('.', 1)[0] or '(model)'!r} "
-                            f"({type(owner).__name__}): parameter {attr!r} {shape} is used by "
+            where = name[:-len(attr) - 1] or "(model)"
+            raise PortError(f"torch module {where!r} ({type(owner).__name__}): parameter "
+                            f"{attr!r} {shape} is used by "
                             f"{fname} and has no port mapping (supported: a per-channel scale "
                             "x * p)")
         last = shape == (n,)
@@ -460,8 +461,8 @@ def describe(model: nn.Module, probe: np.ndarray, what: str = "torch model") -> 
         flow.mark(x, frozenset([INPUT]), False)
         try:
             model(x)
-        except PortError:
-            raise
+        except PortError as exc:
+            raise PortError(f"{what}: {exc}") from None
         except Exception as exc:  # noqa: BLE001  (a model that rejects the input: bad input)
             raise PortError(f"{what}: the forward pass on input (C, H, W) "
                             f"{tuple(probe.shape[1:])} failed ({_first_error_line(exc)})") from None

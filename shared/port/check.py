@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.port.divergence import choose_tolerance, divergence, first_out, make_batches
+from shared.port.divergence import (
+    choose_tolerance,
+    divergence,
+    first_out,
+    make_batches,
+    training_cutoff,
+)
 from shared.port.findings import make_finding
 from shared.port.graph import fold_context
 from shared.port.lint import lint
@@ -91,26 +97,33 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
     tolerance = choose_tolerance(pairs)
     atol, rtol = tolerance["atol"], tolerance["rtol"]
     x = make_batches(chw, 1, batch_size, None, seed + 1)[0][0]
+    cutoff = training_cutoff(pairs, batch_size)
+    if cutoff is not None:
+        notes.append(cutoff[1])
     rows = {}
     for mode in ("inference", "training"):
         k_out = _guarded(names[0], f"the {mode}-mode pass", kp.capture, keras_model,
                          [p.keras for p in pairs], x, mode == "training")
         t_out = _guarded(names[1], f"the {mode}-mode pass", tp.capture, torch_model,
                          [p.torch for p in pairs], x, mode == "training")
-        rows[mode] = divergence(pairs, k_out, t_out, atol, rtol)
+        rows[mode] = divergence(pairs, k_out, t_out, atol, rtol,
+                                tolerance.get("scale_rtol", {}).get(mode),
+                                cutoff[0] if cutoff and mode == "training" else None)
     first_inf, first_tr = first_out(rows["inference"]), first_out(rows["training"])
     by_name = {p.keras.name: p for p in pairs}
 
-    def where(row):
-        return f"{row.describe()} over {tolerance['name']} atol {atol:g} rtol {rtol:g}"
+    def where(row, mode):
+        fraction = tolerance.get("scale_rtol", {}).get(mode)
+        scale = f" (or {fraction:g} of the layer's largest output)" if fraction else ""
+        return f"{row.describe()} over {tolerance['name']} atol {atol:g} rtol {rtol:g}{scale}"
 
     if first_inf:
         findings.append(make_finding("PORT_DIVERGES_INFERENCE", by_name[first_inf.keras_layer],
-                                     None, None, where(first_inf)))
+                                     None, None, where(first_inf, "inference")))
     if first_tr and (not first_inf or rows["training"].index(first_tr)
                      < rows["inference"].index(first_inf)):
         findings.append(make_finding("PORT_DIVERGES_TRAINING", by_name[first_tr.keras_layer],
-                                     None, None, where(first_tr)))
+                                     None, None, where(first_tr, "training")))
     step_rows, moved_rows, expected = [], [], []
     if steps:
         step_rows, moved_rows, step_findings, expected, step_tol, step_notes = run_steps(

@@ -215,10 +215,11 @@ def affine_of(records: Sequence[Leaf], channels: int) -> tuple[np.ndarray, np.nd
 
 
 def _numbers(values: np.ndarray) -> str:
+    """Per-channel numbers to 8 digits: enough to apply them again (float32 holds ~7)."""
     values = np.asarray(values, np.float64).ravel()
     if np.all(values == values[0]):
-        return f"{values[0]:.6g}"
-    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+        return f"{values[0]:.8g}"
+    return "[" + ", ".join(f"{v:.8g}" for v in values) + "]"
 
 
 def _describe_preprocessing(records: Sequence[Leaf], channels: int) -> str:
