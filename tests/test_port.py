@@ -16,6 +16,7 @@ import torch
 
 from shared import tolerances as tol
 from shared.port import FINDINGS, PortError, check_port, fold_context, pair
+from shared.port.lint import affine_of
 from tests.examples import port_pairs as pp
 from tf_impl import port as kport
 from tf_impl.freeze import apply_strategy as keras_strategy
@@ -414,3 +415,26 @@ def test_port_seeded_gelu_tanh_against_exact_found_with_its_size():
     assert (finding.keras_layer, finding.keras_value, finding.torch_value) == (
         "fc1", "gelu_tanh", "gelu")
     assert "differ by up to 0.00047 per element" in finding.message
+
+
+def test_cross_port_imagenet_normalization_both_sides_no_finding():
+    report = _check(pp.imagenet_normalization_keras(), pp.imagenet_normalize_torch(),
+                    transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    # the two maps differ by float32 storage alone, which PORT_PREPROCESSING_RTOL allows
+    probe = np.zeros((2, 3, pp.SIZE, pp.SIZE), np.float32)
+    k = [leaf for leaf in kport.describe(pp.imagenet_normalization_keras(), probe)
+         if leaf.kind == "preprocess"]
+    t = [leaf for leaf in tport.describe(pp.imagenet_normalize_torch(), probe)
+         if leaf.kind == "preprocess"]
+    (ka, kb), (ta, tb) = affine_of(k, 3), affine_of(t, 3)
+    gap = max(np.abs(ka / ta - 1).max(), np.abs(kb / tb - 1).max())
+    assert 0 < gap <= tol.PORT_PREPROCESSING_RTOL, gap
+    # without it on one side: the finding, with the mean and variance
+    one_side = _check(pp.imagenet_normalization_keras(), pp.imagenet_normalize_torch(False),
+                      transfer_from="torch")
+    finding = _only(one_side, "PORT_PREPROCESSING")
+    assert (finding.keras_layer, finding.torch_layer, finding.torch_value) == ("norm", "(none)",
+                                                                              "none")
+    assert finding.keras_value.startswith("Normalization(mean [123.675, 116.28, 103.53], "
+                                          "variance [3409.9761, 3262.6943, 3291.8906])")

@@ -501,3 +501,41 @@ def class_token_torch():
 
     torch.manual_seed(0)
     return Net()
+
+
+# --- preprocessing inside the model, on both sides ------------------------------------------
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def imagenet_normalization_keras():
+    """keras.applications.ConvNeXt's PreStem: a Normalization with ImageNet's mean and
+    variance (x 255), then a conv."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Normalization(mean=list(IMAGENET_MEAN),
+                                   variance=[s ** 2 for s in IMAGENET_STD], name="norm")(inputs)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def imagenet_normalize_torch(normalize: bool = True):
+    """The torch twin: torchvision.transforms.Normalize as the model's first module (or,
+    ``normalize=False``, none: the data would have to come normalised)."""
+    torch = _torch()
+    nn = torch.nn
+    from torchvision.transforms import Normalize
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if normalize else nn.Identity()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.norm(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Net()
