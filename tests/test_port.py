@@ -438,3 +438,11 @@ def test_cross_port_imagenet_normalization_both_sides_no_finding():
                                                                               "none")
     assert finding.keras_value.startswith("Normalization(mean [123.675, 116.28, 103.53], "
                                           "variance [3409.9761, 3262.6943, 3291.8906])")
+
+
+def test_port_untraceable_keras_model_paired_in_call_order_with_a_note():
+    report = _check(pp.untraceable_keras(), pp.good_torch(), transfer_from="torch")
+    assert [(k, t) for k, t, _ in report.pairs] == [("conv", "conv"), ("bn", "bn"), ("fc", "fc")]
+    assert ("the keras model's dataflow could not be traced: weighted layers paired in call "
+            "order") in report.notes
+    assert report.ok, report.finding_lines()

@@ -237,6 +237,14 @@ def test_cross_port_family_findings_are_what_really_differs(family, checked):
     assert ("PORT_DIVERGES_INFERENCE" in report.codes()) == (first is not None)
 
 
+def test_cross_port_densenet121_epsilon_line_quotes_both_models_values_not_a_default(checked):
+    _, report, _ = checked("DenseNet121")
+    (line,) = [f.line() for f in report.findings if f.code == "PORT_BN_EPSILON"]
+    assert line.startswith("PORT_BN_EPSILON at conv1_bn <-> features.norm0: BatchNorm epsilon "
+                           "differs; 121 pairs")
+    assert line.endswith("(keras 1.001e-05, torch 1e-05)") and "1e-3" not in line, line
+
+
 def test_cross_port_resnet50_first_divergence_is_the_strided_1x1_map_size(checked):
     _, report, _ = checked("ResNet50")
     first = report.first_divergent("inference")

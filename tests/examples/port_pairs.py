@@ -539,3 +539,25 @@ def imagenet_normalize_torch(normalize: bool = True):
 
     torch.manual_seed(0)
     return Net()
+
+
+def untraceable_keras():
+    """A subclassed model whose call reads a value (``float(...)``): it runs eagerly but
+    cannot be traced into a graph, so its dataflow is unknown (conv, bn, fc in call order)."""
+    keras = _keras()
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")
+            self.bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")
+            self.fc = keras.layers.Dense(CLASSES, name="fc")
+
+        def call(self, x, training=None):
+            x = keras.ops.relu(self.bn(self.conv(x), training=training))
+            scale = 1.0 if float(keras.ops.max(x)) >= 0 else -1.0  # a value, not a tensor
+            return self.fc(keras.ops.mean(x, axis=(1, 2)) * scale)
+
+    model = Model()
+    model(keras.ops.zeros((1, SIZE, SIZE, 3)))
+    return model
