@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from shared import tolerances as tol
-from shared.port import FINDINGS, PortError, check_port, fold_context, pair
+from shared.port import FINDINGS, PortError, check_port, divergence, fold_context, pair
+from shared.port.divergence import training_cutoff
 from shared.port.lint import affine_of
+from shared.port.records import Leaf, Pair
 from tests.examples import port_pairs as pp
 from tf_impl import port as kport
 from tf_impl.freeze import apply_strategy as keras_strategy
@@ -103,6 +105,25 @@ def test_cross_port_resnet18_frozen_no_finding_within_resnet_tolerance():
     assert report.ok, report.finding_lines()
     assert report.tolerance["name"] == "RESNET_FORWARD"
     assert max(r.max_abs for r in report.inference + report.training) <= tol.RESNET_FORWARD_ATOL
+    # layer4 runs on 1x1 maps at 32x32: its BatchNorms see batch 4 x 1 x 1 values per channel
+    judged = [r.keras_layer for r in report.training if r.judged]
+    assert judged[-1] == "base.layer4.0.conv1" and len(judged) == 31, judged[-3:]
+    assert any(note.startswith("training mode is not judged from base.layer4.0.bn1 <-> "
+                               "base.layer4.0.bn1 on: its BatchNorm normalises over 4 values")
+               for note in report.notes), report.notes
+
+
+def test_port_training_cutoff_at_the_first_batchnorm_under_min_values():
+    def leaf(name, kind, shape):
+        return Leaf(name, kind, "X", {}, {}, shape)
+
+    pairs = [Pair(leaf(n, k, s), leaf(n, k, s)) for n, k, s in (
+        ("conv", "conv", (8, 2, 2)), ("bn", "bn", (8, 2, 2)), ("conv2", "conv", (8, 1, 1)),
+        ("bn2", "bn", (8, 1, 1)), ("fc", "dense", (4,)))]
+    assert training_cutoff(pairs, 4) == (3, training_cutoff(pairs, 4)[1])  # 4 x 1 x 1 < 16
+    assert "bn2 <-> bn2" in training_cutoff(pairs, 4)[1]
+    assert training_cutoff(pairs, 16) is None  # 16 x 1 x 1 values: judged
+    assert training_cutoff(pairs[:2], 4) is None  # 4 x 2 x 2 = 16: judged
 
 
 def test_cross_port_transfer_roundtrip_is_exact():
@@ -446,3 +467,19 @@ def test_port_untraceable_keras_model_paired_in_call_order_with_a_note():
     assert ("the keras model's dataflow could not be traced: weighted layers paired in call "
             "order") in report.notes
     assert report.ok, report.finding_lines()
+
+
+def test_port_deep_scale_tolerance_forgives_rounding_on_large_outputs_only():
+    pair = Pair(Leaf("a", "conv", "X", {}), Leaf("a", "conv", "X", {}))
+    atol, rtol = tol.RESNET_FORWARD_ATOL, tol.RESNET_FORWARD_RTOL
+    scale_rtol = tol.PORT_DEEP_INFERENCE_SCALE_RTOL
+    big = np.array([[150.0, 0.0, 1e-3]], np.float32)  # a layer whose largest output is 150
+    # 2e-4 apart at a small element: over atol + rtol * |torch| there, but 1.3e-6 of 150
+    (row,) = divergence([pair], {"a": big + [[0, 0, 2e-4]]}, {"a": big}, atol, rtol)
+    assert not row.within
+    (row,) = divergence([pair], {"a": big + [[0, 0, 2e-4]]}, {"a": big}, atol, rtol, scale_rtol)
+    assert row.within
+    small = np.array([[1.0, 0.0, 1e-3]], np.float32)  # the same gap on a layer of scale 1
+    (row,) = divergence([pair], {"a": small + [[0, 0, 2e-4]]}, {"a": small}, atol, rtol,
+                        scale_rtol)
+    assert not row.within
