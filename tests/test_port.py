@@ -1,4 +1,4 @@
-"""The port check (``shared/port.py`` + ``{tf,torch}_impl/port.py``) on pairs with known answers.
+"""The port check (``shared/port/`` + ``{tf,torch}_impl/port.py``) on pairs with known answers.
 
 The project's own pairs (tinyconv, ResNet-18 against torchvision) must pair every
 leaf and report no finding under each strategy; each seeded broken pair in
