@@ -38,6 +38,7 @@ demo: venv
 bench: venv
 	$(VENV)/bin/freeze-parity bench
 	$(VENV)/bin/freeze-parity bench --replicas 2
+	$(VENV)/bin/freeze-parity bench --port
 	$(VENV)/bin/freeze-parity bench --verdicts
 
 lint: venv

@@ -1,4 +1,4 @@
-"""The port check (``shared/port.py`` + ``{tf,torch}_impl/port.py``) on pairs with known answers.
+"""The port check (``shared/port/`` + ``{tf,torch}_impl/port.py``) on pairs with known answers.
 
 The project's own pairs (tinyconv, ResNet-18 against torchvision) must pair every
 leaf and report no finding under each strategy; each seeded broken pair in
@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from shared import tolerances as tol
-from shared.port import FINDINGS, PortError, check_port, fold_context, pair
+from shared.port import FINDINGS, PortError, check_port, divergence, fold_context, pair
+from shared.port.divergence import training_cutoff
+from shared.port.lint import affine_of
+from shared.port.records import Leaf, Pair
 from tests.examples import port_pairs as pp
 from tf_impl import port as kport
 from tf_impl.freeze import apply_strategy as keras_strategy
@@ -102,6 +105,25 @@ def test_cross_port_resnet18_frozen_no_finding_within_resnet_tolerance():
     assert report.ok, report.finding_lines()
     assert report.tolerance["name"] == "RESNET_FORWARD"
     assert max(r.max_abs for r in report.inference + report.training) <= tol.RESNET_FORWARD_ATOL
+    # layer4 runs on 1x1 maps at 32x32: its BatchNorms see batch 4 x 1 x 1 values per channel
+    judged = [r.keras_layer for r in report.training if r.judged]
+    assert judged[-1] == "base.layer4.0.conv1" and len(judged) == 31, judged[-3:]
+    assert any(note.startswith("training mode is not judged from base.layer4.0.bn1 <-> "
+                               "base.layer4.0.bn1 on: its BatchNorm normalises over 4 values")
+               for note in report.notes), report.notes
+
+
+def test_port_training_cutoff_at_the_first_batchnorm_under_min_values():
+    def leaf(name, kind, shape):
+        return Leaf(name, kind, "X", {}, {}, shape)
+
+    pairs = [Pair(leaf(n, k, s), leaf(n, k, s)) for n, k, s in (
+        ("conv", "conv", (8, 2, 2)), ("bn", "bn", (8, 2, 2)), ("conv2", "conv", (8, 1, 1)),
+        ("bn2", "bn", (8, 1, 1)), ("fc", "dense", (4,)))]
+    assert training_cutoff(pairs, 4) == (3, training_cutoff(pairs, 4)[1])  # 4 x 1 x 1 < 16
+    assert "bn2 <-> bn2" in training_cutoff(pairs, 4)[1]
+    assert training_cutoff(pairs, 16) is None  # 16 x 1 x 1 values: judged
+    assert training_cutoff(pairs[:2], 4) is None  # 4 x 2 x 2 = 16: judged
 
 
 def test_cross_port_transfer_roundtrip_is_exact():
@@ -355,3 +377,109 @@ def test_port_model_failing_in_training_mode_one_line_port_error():
     with pytest.raises(PortError, match=r"^torch model: the training-mode pass failed "
                                         r"\(RuntimeError: training mode is not supported here\)$"):
         _check(pp.good_keras(), torch_model, transfer_from="torch")
+
+
+# --------------------------------------------------------------------------- #
+# pairing by dataflow, and what the graph cannot decide
+# --------------------------------------------------------------------------- #
+def test_cross_port_shortcut_called_first_in_keras_pairs_by_dataflow_not_call_order():
+    keras_model, torch_model = pp.shortcut_first_keras(), pp.shortcut_after_torch()
+    k_calls = [leaf.name for leaf in kport.describe(keras_model, np.zeros((2, 3, pp.SIZE,
+                                                                             pp.SIZE),
+                                                                            np.float32))
+               if leaf.weighted]
+    assert k_calls.index("shortcut") < k_calls.index("main")  # Keras: the shortcut first
+    report = _check(keras_model, torch_model, transfer_from="torch")
+    assert {(k, t) for k, t, _ in report.pairs} == {(name, name) for name in (
+        "stem", "stem_bn", "main", "main_bn", "shortcut", "shortcut_bn", "fc")}
+    assert report.ok, report.finding_lines()
+
+
+def test_port_twin_branches_ambiguity_one_line_then_name_map_decides():
+    with pytest.raises(PortError, match=r"^pairing is ambiguous: keras layer shortcut "
+                                        r"\(Conv2D.*fits torch modules main, shortcut equally"
+                                        r".*--map shortcut=TORCH_MODULE") as info:
+        _check(pp.twin_branches_keras(), pp.twin_branches_torch())
+    assert "\n" not in str(info.value)
+    report = _check(pp.twin_branches_keras(), pp.twin_branches_torch(), transfer_from="torch",
+                    name_map={"shortcut": "shortcut"})
+    assert ("main", "main", "conv") in report.pairs and report.ok, report.finding_lines()
+
+
+def test_port_non_leaf_parameter_not_a_scale_one_line_port_error():
+    with pytest.raises(PortError, match=r"^torch model: .*'\(model\)' \(Net\): parameter "
+                                        r"'token' \(1, 8\) is used by expand and has no port "
+                                        r"mapping") as info:
+        _check(pp.good_keras(), pp.class_token_torch())
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# stochastic depth against drop-connect dropout; GELU against its tanh approximation
+# --------------------------------------------------------------------------- #
+def test_cross_port_drop_connect_dropout_pairs_with_row_stochastic_depth_no_finding():
+    report = _check(pp.drop_path_keras(), pp.drop_path_torch(), transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    # the two were seen and matched: a batch-wise or another rate is found at them
+    batch = _check(pp.drop_path_keras(), pp.drop_path_batch_torch(), transfer_from="torch")
+    mode = _only(batch, "PORT_DROPOUT_MODE")
+    assert (mode.keras_layer, mode.torch_layer, mode.keras_value, mode.torch_value) == (
+        "drop", "drop", "row", "batch")
+    rate = _only(_check(pp.drop_path_keras(), pp.drop_path_rate_torch(), transfer_from="torch"),
+                 "PORT_DROPOUT_RATE")
+    assert (rate.keras_value, rate.torch_value) == (0.2, 0.3)
+
+
+def test_port_seeded_gelu_tanh_against_exact_found_with_its_size():
+    report = _check(pp.gelu_tanh_keras(), pp.gelu_torch(), transfer_from="torch")
+    finding = _only(report, "PORT_ACTIVATION")
+    assert (finding.keras_layer, finding.keras_value, finding.torch_value) == (
+        "fc1", "gelu_tanh", "gelu")
+    assert "differ by up to 0.00047 per element" in finding.message
+
+
+def test_cross_port_imagenet_normalization_both_sides_no_finding():
+    report = _check(pp.imagenet_normalization_keras(), pp.imagenet_normalize_torch(),
+                    transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    # the two maps differ by float32 storage alone, which PORT_PREPROCESSING_RTOL allows
+    probe = np.zeros((2, 3, pp.SIZE, pp.SIZE), np.float32)
+    k = [leaf for leaf in kport.describe(pp.imagenet_normalization_keras(), probe)
+         if leaf.kind == "preprocess"]
+    t = [leaf for leaf in tport.describe(pp.imagenet_normalize_torch(), probe)
+         if leaf.kind == "preprocess"]
+    (ka, kb), (ta, tb) = affine_of(k, 3), affine_of(t, 3)
+    gap = max(np.abs(ka / ta - 1).max(), np.abs(kb / tb - 1).max())
+    assert 0 < gap <= tol.PORT_PREPROCESSING_RTOL, gap
+    # without it on one side: the finding, with the mean and variance
+    one_side = _check(pp.imagenet_normalization_keras(), pp.imagenet_normalize_torch(False),
+                      transfer_from="torch")
+    finding = _only(one_side, "PORT_PREPROCESSING")
+    assert (finding.keras_layer, finding.torch_layer, finding.torch_value) == ("norm", "(none)",
+                                                                              "none")
+    assert finding.keras_value.startswith("Normalization(mean [123.675, 116.28, 103.53], "
+                                          "variance [3409.9761, 3262.6943, 3291.8906])")
+
+
+def test_port_untraceable_keras_model_paired_in_call_order_with_a_note():
+    report = _check(pp.untraceable_keras(), pp.good_torch(), transfer_from="torch")
+    assert [(k, t) for k, t, _ in report.pairs] == [("conv", "conv"), ("bn", "bn"), ("fc", "fc")]
+    assert ("the keras model's dataflow could not be traced: weighted layers paired in call "
+            "order") in report.notes
+    assert report.ok, report.finding_lines()
+
+
+def test_port_deep_scale_tolerance_forgives_rounding_on_large_outputs_only():
+    pair = Pair(Leaf("a", "conv", "X", {}), Leaf("a", "conv", "X", {}))
+    atol, rtol = tol.RESNET_FORWARD_ATOL, tol.RESNET_FORWARD_RTOL
+    scale_rtol = tol.PORT_DEEP_INFERENCE_SCALE_RTOL
+    big = np.array([[150.0, 0.0, 1e-3]], np.float32)  # a layer whose largest output is 150
+    # 2e-4 apart at a small element: over atol + rtol * |torch| there, but 1.3e-6 of 150
+    (row,) = divergence([pair], {"a": big + [[0, 0, 2e-4]]}, {"a": big}, atol, rtol)
+    assert not row.within
+    (row,) = divergence([pair], {"a": big + [[0, 0, 2e-4]]}, {"a": big}, atol, rtol, scale_rtol)
+    assert row.within
+    small = np.array([[1.0, 0.0, 1e-3]], np.float32)  # the same gap on a layer of scale 1
+    (row,) = divergence([pair], {"a": small + [[0, 0, 2e-4]]}, {"a": small}, atol, rtol,
+                        scale_rtol)
+    assert not row.within

@@ -9,6 +9,7 @@ line, so a traceback would fail the test as an uncaught exception.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,10 @@ def test_port_command_good_pair_with_torch_weights_file_exit_0_runs_on_the_files
      f"{PAIRS}:flatten_keras: the forward pass on input (H, W, C) (20, 20, 3) failed"),
     (f"{PAIRS}:good_keras", f"{PAIRS}:good_torch", ["--input-shape", "16,16"],
      "--input-shape '16,16': expected H,W,C"),
+    (f"{PAIRS}:twin_branches_keras", f"{PAIRS}:twin_branches_torch", SHAPE,
+     "pairing is ambiguous: keras layer shortcut (Conv2D"),
+    (f"{PAIRS}:good_keras", f"{PAIRS}:class_token_torch", SHAPE,
+     f"{PAIRS}:class_token_torch: torch module '(model)' (Net): parameter 'token'"),
 ])
 def test_port_command_bad_input_exit_2_one_line(tmp_path, capsys, keras_target, torch_target,
                                                 extra, match):
@@ -158,3 +163,25 @@ def test_bench_port_times_the_check_and_reports_its_verdict():
     result = bench_port({**PORT_BENCH, "arch": "tinyconv", "size": 32, "steps": 1})
     assert result["ok"] and result["pairs"] == 7 and result["findings"] == []
     assert 0 < result["check_s"] and result["met"] == (result["check_s"] <= result["goal_s"])
+
+
+def test_bench_port_family_and_pairing_time_one_family_and_report_its_pairs():
+    from shared.commands.bench import bench_pairing, bench_port_family
+
+    result = bench_port_family("MobileNetV3Small", size=32, steps=0)
+    assert result["pairs"] == 86 and "PORT_PREPROCESSING" in result["findings"]
+    assert 0 < result["check_cpu_s"] and 0 < result["check_s"] and 0 < result["build_s"]
+    pairing = bench_pairing("MobileNetV3Small", size=32)
+    assert pairing["pairs"] == 86 and 0 < pairing["pair_s"]
+    keras_records, torch_records = pairing["records"]
+    assert keras_records > 86 and torch_records > 86  # activations, pads, ... around the pairs
+
+
+def test_port_command_keras_application_against_torchvision_exit_1_findings(capsys):
+    code = _port("tests.examples.applications:mobilenet_v3_small_keras",
+                 "tests.examples.applications:mobilenet_v3_small_torch", "--transfer", "torch",
+                 "--steps", "0")
+    printed = capsys.readouterr().out
+    assert code == 1 and "port check: 86 pairs" in printed
+    assert re.search(r"PORT_PREPROCESSING at rescaling(_\d+)? <-> \(none\)", printed)
+    assert "PORT_ACTIVATION" not in printed  # hard_silu is torch's Hardswish

@@ -17,9 +17,8 @@ import pytest
 # test files whose tests share run_record's runs -> the file whose unit they join
 SHARED_GROUPS = {"test_strategy_oracle.py": "test_train.py", "test_readme_numbers.py": "test_train.py"}
 # units, heaviest first (per-file totals of `pytest --durations=0`); files not named go after
-UNIT_ORDER = ("test_train.py", "test_cpu_matrix.py", "test_resnet.py", "test_bench.py",
-              "test_distributed.py", "test_lockstep.py",
-              "test_import_order.py")
+UNIT_ORDER = ("test_train.py", "test_cpu_matrix.py", "test_resnet.py", "test_port_families.py",
+              "test_bench.py", "test_distributed.py", "test_lockstep.py", "test_import_order.py")
 
 
 def unit_of(nodeid: str) -> str:

@@ -2,16 +2,22 @@
 
 The comparison itself lives in :mod:`shared.port`; this module only turns a
 Keras model into neutral :class:`shared.port.Leaf` records (tensors in the
-canonical layout through ``tf_impl/weights.py``) and runs it. Call order is
-seen by wrapping each leaf layer's ``call`` on the instance for one probe
-forward pass (the same spy the freeze audit uses); a functional model's graph
-and a subclassed model's ``call`` are both seen as they run. Everything it
-runs restores the model's variables afterwards.
+canonical layout through ``tf_impl/weights.py``) and runs it. The records come
+from one probe forward pass traced into a TensorFlow graph, with each leaf
+layer's ``call`` wrapped on the instance (the same spy the freeze audit uses):
+the layers record their input and output tensors, and the graph's operations
+between them say which record's output reaches which (``Leaf.sources``),
+through anything that is not a layer (``inputs + x``, ``keras.ops`` calls in a
+subclassed model); the activations, constant arithmetic and zero padding among
+those operations become records too. A model that cannot be traced into a graph
+is run eagerly and described in call order. Everything it runs restores the
+model's variables afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -19,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from shared.port import Leaf, PortError
+from shared.port import INPUT, Leaf, PortError
 from tf_impl.audit import _tree  # the layer tree with dotted paths, shared with the audit
 from tf_impl.model import TorchVarianceBatchNormalization
 from tf_impl.weights import (
@@ -41,6 +47,13 @@ __all__ = [
 
 _DROPOUT = (keras.layers.Dropout, keras.layers.SpatialDropout2D)
 _BN = keras.layers.BatchNormalization
+# keras.applications.convnext's own layers, known by name (not exported by keras.layers)
+_LAYER_SCALE, _STOCHASTIC_DEPTH = "LayerScale", "StochasticDepth"
+# TensorFlow operations between layers that are an activation function
+_ACTIVATION_OPS = {"Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu",
+                   "Softplus": "softplus", "Tanh": "tanh", "Sigmoid": "sigmoid",
+                   "Softmax": "softmax", "LeakyRelu": "leaky_relu"}
+_ARITHMETIC_OPS = {"AddV2": "add", "Add": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div"}
 
 
 def check_model(model, what: str) -> None:
@@ -65,11 +78,18 @@ def input_shape(model, what: str) -> tuple[int, int, int]:
     return (int(c), int(h), int(w))
 
 
-def _activation_name(fn) -> str | None:
+def _activation_name(fn) -> tuple[str | None, dict]:
+    """A Keras activation function's name and the parameters that change it."""
+    params = {}
+    if isinstance(fn, functools.partial):
+        params = {k: v for k, v in fn.keywords.items() if k in ("approximate", "negative_slope")}
+        fn = fn.func
     name = getattr(fn, "__name__", None)
     if name in (None, "linear"):
-        return None
-    return {"swish": "silu"}.get(name, name)
+        return (None if name else "unknown"), params
+    if name == "leaky_relu":
+        params.setdefault("slope", params.pop("negative_slope", 0.2))
+    return name, params
 
 
 def _pair2(value) -> tuple[int, int]:
@@ -85,12 +105,16 @@ def _same_pad(in_hw, kernel, stride, dilation) -> tuple[int, int, int, int]:
     return (pads[0][0], pads[0][1], pads[1][0], pads[1][1])
 
 
+def _canonical_shape(shape) -> tuple:
+    shape = tuple(None if d is None else int(d) for d in tuple(shape)[1:])
+    return (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+
+
 def _conv_record(path, layer, in_shape, out_shape) -> Leaf:
     depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
     kernel = tuple(layer.kernel.shape)
     kh, kw = kernel[:2]
-    in_ch = kernel[2]
-    groups = in_ch if depthwise else getattr(layer, "groups", 1)
+    groups = kernel[2] if depthwise else getattr(layer, "groups", 1)
     in_hw = tuple(in_shape[1:3])
     stride, dilation = _pair2(layer.strides), _pair2(layer.dilation_rate)
     same = layer.padding == "same"
@@ -99,36 +123,46 @@ def _conv_record(path, layer, in_shape, out_shape) -> Leaf:
     shapes = {"weight": to_canonical(np.zeros(kernel, np.float32), kind).shape}
     if layer.use_bias:
         shapes["bias"] = tuple(layer.bias.shape)
-    params = {"layout": kind, "in_channels": in_ch,
+    fused, fused_params = _activation_name(layer.activation)
+    params = {"layout": kind, "in_channels": int(in_shape[-1]),
               "out_channels": shapes["weight"][0], "kernel": (kh, kw), "stride": stride,
               "dilation": dilation, "groups": groups, "bias": bool(layer.use_bias), "pad": pad,
-              "same": same, "in_hw": in_hw, "activation": _activation_name(layer.activation)}
+              "same": same, "in_hw": in_hw, "fused_activation": fused,
+              "fused_activation_params": fused_params}
     return Leaf(path, "conv", type(layer).__name__, params, shapes,
                 _canonical_shape(out_shape), layer)
 
 
-def _canonical_shape(shape) -> tuple:
-    shape = tuple(int(d) for d in shape[1:])
-    return (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+def _dropout_mode(layer) -> str:
+    """Which units one draw drops: element, channel, row (a sample's path) or batch."""
+    if isinstance(layer, keras.layers.SpatialDropout2D):
+        return "channel"
+    noise = getattr(layer, "noise_shape", None)
+    if noise is None or all(d is None for d in noise[1:]):
+        return "element"
+    if all(d == 1 for d in noise[1:]):
+        return "batch" if noise[0] == 1 else "row"
+    return "channel" if noise[-1] is None else "element"
 
 
-def _record(path, layer, in_shape, out_shape, previous) -> Leaf | None:
+def _vector(value) -> list[float]:
+    return [float(v) for v in np.ravel(keras.ops.convert_to_numpy(value))]
+
+
+def _record(path, layer, in_shape, out_shape) -> Leaf | None:
     cls = type(layer).__name__
     out = _canonical_shape(out_shape)
     if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and not isinstance(
             layer, (keras.layers.Conv2DTranspose, keras.layers.SeparableConv2D)):
         return _conv_record(path, layer, in_shape, out_shape)
     if isinstance(layer, keras.layers.Dense):
-        flatten_from = None
-        if (previous is not None and previous[0] == "flatten" and len(previous[1]) == 4
-                and previous[1][1] * previous[1][2] > 1):
-            flatten_from = tuple(int(d) for d in previous[1][1:])
         shapes = {"weight": tuple(reversed(layer.kernel.shape))}
         if layer.use_bias:
             shapes["bias"] = tuple(layer.bias.shape)
-        return Leaf(path, "dense", cls, {"bias": bool(layer.use_bias),
-                                         "flatten_from": flatten_from,
-                                         "activation": _activation_name(layer.activation)},
+        fused, fused_params = _activation_name(layer.activation)
+        return Leaf(path, "dense", cls, {"bias": bool(layer.use_bias), "flatten_from": None,
+                                         "fused_activation": fused,
+                                         "fused_activation_params": fused_params},
                     shapes, out, layer)
     if isinstance(layer, _BN):
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
@@ -151,41 +185,85 @@ def _record(path, layer, in_shape, out_shape, previous) -> Leaf | None:
         return Leaf(path, "layernorm", cls, {"features": n, "eps": float(layer.epsilon),
                                              "center": bool(layer.center),
                                              "scale": bool(layer.scale)}, shapes, out, layer)
+    if cls == _LAYER_SCALE and getattr(layer, "gamma", None) is not None and len(
+            layer.gamma.shape) == 1:
+        n = int(layer.gamma.shape[0])
+        return Leaf(path, "scale", cls, {"features": n}, {"weight": (n,)}, out, layer)
+    if isinstance(layer, keras.layers.Rescaling):
+        return Leaf(path, "preprocess", cls, {"op": "rescale", "scale": _vector(layer.scale),
+                                              "offset": _vector(layer.offset),
+                                              "channels": int(in_shape[-1])}, {}, out, layer)
+    if isinstance(layer, keras.layers.Normalization):
+        mean, variance = _vector(layer.mean), _vector(layer.variance)
+        if layer.invert:  # x * sqrt(variance) + mean
+            return Leaf(path, "preprocess", cls, {
+                "op": "rescale", "scale": list(np.sqrt(variance)), "offset": mean,
+                "channels": int(in_shape[-1])}, {}, out, layer)
+        return Leaf(path, "preprocess", cls, {"op": "normalize", "mean": mean,
+                                              "variance": variance,
+                                              "epsilon": float(keras.config.epsilon()),
+                                              "channels": int(in_shape[-1])}, {}, out, layer)
     if isinstance(layer, _DROPOUT):
-        return Leaf(path, "dropout", cls, {"rate": float(layer.rate)}, {}, out, layer)
+        return Leaf(path, "dropout", cls, {"rate": float(layer.rate),
+                                           "mode": _dropout_mode(layer)}, {}, out, layer)
+    if cls == _STOCHASTIC_DEPTH and hasattr(layer, "drop_path_rate"):
+        return Leaf(path, "dropout", cls, {"rate": float(layer.drop_path_rate), "mode": "row"},
+                    {}, out, layer)
     if isinstance(layer, keras.layers.Flatten):
-        return Leaf(path, "flatten", cls, {}, {}, out, layer)
+        return Leaf(path, "flatten", cls, {"in_shape": tuple(int(d) for d in in_shape[1:])},
+                    {}, out, layer)
     if isinstance(layer, keras.layers.ZeroPadding2D):
         (t, b), (left, r) = layer.padding
         return Leaf(path, "pad", cls, {"pad": (t, b, left, r), "in_hw": tuple(in_shape[1:3])},
                     {}, out, layer)
     if isinstance(layer, keras.layers.ReLU):
         slope = float(layer.negative_slope or 0.0)
-        name = ("relu6" if layer.max_value is not None and float(layer.max_value) == 6.0
-                and slope == 0 else "leaky_relu" if slope else "relu")
-        return Leaf(path, "activation", cls, {"name": name}, {}, out, layer)
+        relu6 = layer.max_value is not None and float(layer.max_value) == 6.0
+        name = ("unknown" if float(layer.threshold or 0.0) or (
+            layer.max_value is not None and not relu6) else "relu6" if relu6 and not slope
+            else "leaky_relu" if slope and layer.max_value is None else "relu")
+        return Leaf(path, "activation", cls, {"name": name, "slope": slope}, {}, out, layer)
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return Leaf(path, "activation", cls, {"name": "leaky_relu",
+                                              "slope": float(layer.negative_slope)}, {}, out,
+                    layer)
     if isinstance(layer, keras.layers.Activation):
-        return Leaf(path, "activation", cls, {"name": _activation_name(layer.activation)},
-                    {}, out, layer)
+        name, params = _activation_name(layer.activation)
+        if name is None:
+            return None  # linear: the identity
+        return Leaf(path, "activation", cls, {"name": name, **params}, {}, out, layer)
     if isinstance(layer, keras.layers.Softmax):
         return Leaf(path, "activation", cls, {"name": "softmax"}, {}, out, layer)
     if layer.weights:
         raise PortError(f"keras layer {path!r} ({cls}) has weights but no port mapping "
                         "(supported: Conv2D, DepthwiseConv2D, Dense, BatchNormalization, "
-                        "LayerNormalization)")
+                        "LayerNormalization, LayerScale, Rescaling, Normalization)")
     return None
 
 
 @contextlib.contextmanager
-def _spied(layers, on_call, dropout_off: bool = False) -> Iterator[None]:
-    """Wrap each layer's ``call``; ``on_call(layer, inputs, output)`` sees every call."""
+def _spied(layers, on_call, dropout_off: bool = False,
+           pre_activation: frozenset = frozenset()) -> Iterator[None]:
+    """Wrap each layer's ``call``; ``on_call(layer, inputs, output)`` sees every call.
+
+    ``pre_activation``: ids of layers whose fused ``activation=`` is left out of what
+    ``on_call`` sees (the output before it, as torch's module returns it) and applied after.
+    """
     def spy(layer, original):
         def call(*args, **kwargs):
-            if dropout_off and isinstance(layer, _DROPOUT):
+            if dropout_off and _is_dropout(layer):
                 kwargs["training"] = False
-            output = original(*args, **kwargs)
+            activation = None
+            if id(layer) in pre_activation:
+                activation = layer.activation
+                object.__setattr__(layer, "activation", keras.activations.linear)
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                if activation is not None:
+                    object.__setattr__(layer, "activation", activation)
             on_call(layer, args[0] if args else next(iter(kwargs.values())), output)
-            return output
+            return output if activation is None else activation(output)
         return call
 
     for layer in layers:
@@ -195,6 +273,11 @@ def _spied(layers, on_call, dropout_off: bool = False) -> Iterator[None]:
     finally:
         for layer in layers:
             object.__delattr__(layer, "call")
+
+
+def _is_dropout(layer) -> bool:
+    """Dropout, SpatialDropout2D, or keras.applications.convnext's StochasticDepth."""
+    return isinstance(layer, _DROPOUT) or type(layer).__name__ == _STOCHASTIC_DEPTH
 
 
 def _numpy(variable) -> np.ndarray:
@@ -220,7 +303,8 @@ def _leaf_layers(model):
 
 
 def _shape(value) -> tuple:
-    return tuple(getattr(value, "shape", ()) or ())
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else ()
 
 
 def _first_error_line(exc: BaseException) -> str:
@@ -228,32 +312,156 @@ def _first_error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def describe(model, probe: np.ndarray, what: str = "keras model") -> list[Leaf]:
-    """Every leaf layer the forward pass on ``probe`` (canonical NCHW) calls, in call order."""
+def _first_tensor(value):
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value
+
+
+def _constant(tensor) -> float | None:
+    value = tf.get_static_value(tensor)
+    return float(np.ravel(value)[0]) if value is not None and np.size(value) == 1 else None
+
+
+class _Dataflow:
+    """Which record's output reaches which, read off the traced graph's operations."""
+
+    def __init__(self, input_name: str, producers: dict[str, list[tuple[int, str]]]):
+        self.input_name = input_name
+        self.producers = producers  # tensor name -> [(event index, record name)]
+        self.walked: dict[str, frozenset[str]] = {}
+        self.raw: dict[str, Leaf] = {}  # operations that became records, by op name
+
+    def sources(self, tensor, before: float = math.inf) -> tuple[frozenset[str], bool]:
+        """The records whose outputs reach ``tensor`` (produced before event ``before``),
+        and whether any operation lies between."""
+        name = tensor.name
+        if name == self.input_name:
+            return frozenset([INPUT]), False
+        earlier = [r for i, r in self.producers.get(name, ()) if i < before]
+        if earlier:
+            return frozenset([earlier[-1]]), False
+        raw = self._raw_record(tensor.op)
+        if raw is not None:
+            return frozenset([raw.name]), False
+        if name not in self.walked:
+            self.walked[name] = frozenset()  # a cycle cannot occur; guards re-entry
+            found: set[str] = set()
+            for inp in tensor.op.inputs:
+                if inp.dtype != tf.resource:
+                    found |= self.sources(inp)[0]
+            self.walked[name] = frozenset(found)
+        return self.walked[name], True
+
+    def _raw_record(self, op) -> Leaf | None:
+        """An activation, constant arithmetic or zero padding between layers, as a record."""
+        if op.name in self.raw:
+            return self.raw[op.name]
+        data = [t for t in op.inputs if t.dtype != tf.resource]
+        found = None  # (kind, params, the data tensor it reads)
+        if op.type in _ACTIVATION_OPS and data:
+            params = {"name": _ACTIVATION_OPS[op.type]}
+            if op.type == "LeakyRelu":
+                params["slope"] = float(op.get_attr("alpha"))
+            found = ("activation", params, data[0])
+        elif op.type in _ARITHMETIC_OPS and len(data) == 2:
+            first, second = (_constant(t) for t in data)
+            if second is not None and first is None:
+                found = ("op", {"op": _ARITHMETIC_OPS[op.type], "value": second}, data[0])
+            elif first is not None and second is None and op.type in ("AddV2", "Add", "Mul"):
+                found = ("op", {"op": _ARITHMETIC_OPS[op.type], "value": first}, data[1])
+        elif op.type in ("Pad", "PadV2") and len(data) >= 2:
+            pads = tf.get_static_value(data[1])
+            value = _constant(data[2]) if len(data) > 2 else 0.0
+            if (pads is not None and np.shape(pads) == (4, 2) and value == 0.0
+                    and not np.any(pads[[0, 3]])):
+                (t, b), (left, r) = pads[1], pads[2]
+                found = ("pad", {"pad": (int(t), int(b), int(left), int(r)),
+                                 "in_hw": tuple(int(d) for d in data[0].shape[1:3])}, data[0])
+        if found is None:
+            return None
+        kind, params, tensor = found
+        record = Leaf(op.name, kind, op.type, params, {}, _canonical_shape(op.outputs[0].shape),
+                      op)
+        self.raw[op.name] = record
+        record.sources, record.via_ops = self.sources(tensor)
+        return record
+
+
+def _events(model, x, what: str) -> tuple[list, object]:
+    """Every leaf layer call on ``x`` (NHWC): ``(layer, input, output)`` in call order, and
+    the traced graph's input tensor (None when the model ran eagerly)."""
     leaves = _leaf_layers(model)
-    paths = {id(layer): path for path, layer in leaves}
     events = []
 
     def seen(layer, inputs, output):
-        events.append((layer, _shape(inputs), _shape(output)))
+        events.append((layer, inputs, output))
+
+    def forward(t):
+        return model(t, training=False)
 
     with _spied([layer for _, layer in leaves], seen), _variables_kept(model, False):
         try:
-            model(activation_from_canonical(probe), training=False)
+            graph = tf.function(forward, autograph=False).get_concrete_function(
+                tf.TensorSpec(x.shape, tf.float32)).graph
+            return events, graph.inputs[0]
+        except Exception:  # noqa: BLE001  (not traceable: described eagerly, in call order)
+            events.clear()
+        try:
+            forward(x)
         except Exception as exc:  # noqa: BLE001  (a model that rejects the input: bad input)
             raise PortError(f"{what}: the forward pass on input (H, W, C) "
-                            f"{tuple(probe.shape[2:]) + (probe.shape[1],)} failed "
-                            f"({_first_error_line(exc)})") from None
-    records, done, previous = [], set(), None
-    for layer, in_shape, out_shape in events:
-        if id(layer) in done:
-            continue
-        done.add(id(layer))
-        record = _record(paths[id(layer)], layer, in_shape, out_shape, previous)
-        previous = (record.kind if record else None, in_shape)
-        if record is not None:
-            records.append(record)
+                            f"{tuple(x.shape[1:])} failed ({_first_error_line(exc)})") from None
+    return events, None
+
+
+def describe(model, probe: np.ndarray, what: str = "keras model") -> list[Leaf]:
+    """Every leaf layer the forward pass on ``probe`` (canonical NCHW) calls, in call order,
+    with the records its input comes from (and the operations between layers it can name)."""
+    paths = {id(layer): path for path, layer in _leaf_layers(model)}
+    events, graph_input = _events(model, activation_from_canonical(probe), what)
+    records, order, producers, calls = [], [], {}, {}
+    for index, (layer, inputs, output) in enumerate(events):
+        tensor, out = _first_tensor(inputs), _first_tensor(output)
+        calls[id(layer)] = calls.get(id(layer), 0) + 1
+        record = _record(paths[id(layer)], layer, _shape(tensor), _shape(out))
+        if record is None or (calls[id(layer)] > 1 and (record.weighted or graph_input is None)):
+            continue  # a weighted layer's second call is not another pair
+        if calls[id(layer)] > 1:  # a reused ReLU: one record per call
+            record.name = f"{record.name}#{calls[id(layer)]}"
+        record.ref = layer
+        records.append(record)
+        order.append((index, tensor, out))
+        if graph_input is not None:
+            producers.setdefault(out.name, []).append((index, record.name))
+    if graph_input is None:  # eager: call order only
+        for record, previous in zip(records[1:], records):
+            if record.kind == "dense" and previous.kind == "flatten":
+                record.params["flatten_from"] = _flatten_from(previous)
+        return records
+    flow = _Dataflow(graph_input.name, producers)
+    for record, (index, tensor, out) in zip(records, order):
+        record.sources, record.via_ops = flow.sources(tensor, before=index)
+    # one order for layers and the operations that became records: graph creation order
+    keyed = [((out.op._id, index), r) for r, (index, _, out) in zip(records, order)]
+    keyed += [((op_record.ref._id, -1), op_record) for op_record in flow.raw.values()]
+    records = [r for _, r in sorted(keyed, key=lambda item: item[0])]
+    by_name = {r.name: r for r in records}
+    position = {r.name: i for i, r in enumerate(records)}
+    for record in records:
+        record.sources = tuple(sorted(record.sources, key=lambda n: position.get(n, -1)))
+        if record.kind == "dense" and not record.via_ops and len(record.sources) == 1:
+            source = by_name.get(record.sources[0])
+            if source is not None and source.kind == "flatten":
+                record.params["flatten_from"] = _flatten_from(source)
     return records
+
+
+def _flatten_from(flatten: Leaf) -> tuple | None:
+    """The (H, W, C) map a Flatten reads, when it is a map (a Dense after it needs its rows
+    permuted)."""
+    shape = flatten.params["in_shape"]
+    return shape if len(shape) == 3 and shape[0] * shape[1] > 1 else None
 
 
 def _variables(leaf: Leaf) -> dict[str, tuple[object, str]]:
@@ -268,6 +476,8 @@ def _variables(leaf: Leaf) -> dict[str, tuple[object, str]]:
                 ("running_mean", layer.moving_mean), ("running_var", layer.moving_variance))
                if var is not None}
         return out
+    elif leaf.kind == "scale":
+        return {"weight": (layer.gamma, "vector")}
     else:  # layernorm
         return {key: (var, "vector") for key, var in (("weight", layer.gamma),
                                                       ("bias", layer.beta)) if var is not None}
@@ -306,11 +516,14 @@ def write_tensors(model, leaves: list[Leaf], tensors: dict[str, dict[str, np.nda
 def capture(model, leaves: list[Leaf], x: np.ndarray, training: bool) -> dict[str, np.ndarray]:
     """Each leaf's output (first call, canonical layout) for ``x`` (NCHW) in one mode.
 
-    Training mode is ``model(x, training=True)`` as ``fit`` calls it, with every
-    Dropout called with ``training=False``; no variable keeps a change.
+    A layer with a fused ``activation=`` gives its output before the activation, as
+    torch's module does (the lint compares the activations). Training mode is
+    ``model(x, training=True)`` as ``fit`` calls it, with every Dropout called with
+    ``training=False``; no variable keeps a change.
     """
     wanted = {id(leaf.ref): leaf.name for leaf in leaves}
-    dropouts = [layer for _, layer in _leaf_layers(model) if isinstance(layer, _DROPOUT)]
+    fused = frozenset(id(leaf.ref) for leaf in leaves if leaf.params.get("fused_activation"))
+    dropouts = [layer for _, layer in _leaf_layers(model) if _is_dropout(layer)]
     out: dict[str, np.ndarray] = {}
 
     def seen(layer, inputs, output):
@@ -319,7 +532,8 @@ def capture(model, leaves: list[Leaf], x: np.ndarray, training: bool) -> dict[st
             out[name] = activation_to_canonical(keras.ops.convert_to_numpy(output))
 
     layers = [leaf.ref for leaf in leaves] + [d for d in dropouts if id(d) not in wanted]
-    with _spied(layers, seen, dropout_off=True), _variables_kept(model, False):
+    with _spied(layers, seen, dropout_off=True, pre_activation=fused), \
+            _variables_kept(model, False):
         model(activation_from_canonical(x), training=training)
     return out
 
@@ -345,7 +559,7 @@ def train_steps(model, leaves: list[Leaf], batches, setup: dict, optimizer=None)
     and each leaf's tensors after the last step. Dropout is off; variables are restored.
     """
     optimizer = optimizer or _optimizer(setup)
-    dropouts = [layer for _, layer in _leaf_layers(model) if isinstance(layer, _DROPOUT)]
+    dropouts = [layer for _, layer in _leaf_layers(model) if _is_dropout(layer)]
     variables = model.trainable_variables
 
     def step(x, y):  # eager: for 5 ResNet-18 steps, tracing a tf.function costs more

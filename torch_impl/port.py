@@ -2,10 +2,15 @@
 
 The comparison itself lives in :mod:`shared.port`; this module only turns a
 torch model into neutral :class:`shared.port.Leaf` records (tensors in the
-canonical layout through ``torch_impl/weights.py``) and runs it. Call order is
-seen with forward hooks on every leaf module during one probe forward pass;
-functional calls (``F.relu``, ``x.flatten(1)``) have no module and are not
-seen. Everything it runs restores parameters, buffers, modes and the random
+canonical layout through ``torch_impl/weights.py``) and runs it. The records come
+from one probe forward pass with forward hooks on every leaf module, under a
+``TorchFunctionMode`` that sees every torch function called between them: each
+tensor carries the records its value came from, so each record knows whose
+outputs reach its input (``Leaf.sources``), through ``torch.cat``, ``out +=
+identity`` or a reshape; the activations (``F.relu``), constant arithmetic and
+zero padding (``F.pad``) among those functions become records too, and so does a
+parameter of a non-leaf module (ConvNeXt's ``layer_scale``) where a function
+uses it. Everything it runs restores parameters, buffers, modes and the random
 state afterwards.
 """
 
@@ -17,9 +22,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torch.overrides import TorchFunctionMode
+from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
+from torchvision.transforms import Normalize
 
-from shared.port import Leaf, PortError
+from shared.port import INPUT, Leaf, PortError
 from torch_impl.weights import (
     activation_from_canonical,
     activation_to_canonical,
@@ -37,11 +44,27 @@ __all__ = [
     "write_tensors",
 ]
 
-_DROPOUT = nn.modules.dropout._DropoutNd
+_DROPOUT = (nn.modules.dropout._DropoutNd, StochasticDepth)
 _BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu",
                 nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu",
-                nn.Softmax: "softmax", nn.Hardswish: "hard_swish"}
+                nn.Softmax: "softmax", nn.Hardswish: "hard_swish",
+                nn.Hardsigmoid: "hard_sigmoid", nn.ELU: "elu", nn.SELU: "selu",
+                nn.Mish: "mish", nn.Softplus: "softplus"}
+# torch functions between modules that are an activation function
+_ACTIVATION_FUNCTIONS = {"relu": "relu", "relu_": "relu", "relu6": "relu6",
+                         "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu",
+                         "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
+                         "tanh_": "tanh", "gelu": "gelu", "silu": "silu", "hardswish": "hardswish",
+                         "hardsigmoid": "hardsigmoid", "softmax": "softmax", "elu": "elu",
+                         "selu": "selu", "mish": "mish", "softplus": "softplus"}
+_ARITHMETIC_FUNCTIONS = {"add": "add", "add_": "add", "__add__": "add", "__radd__": "add",
+                         "__iadd__": "add", "sub": "sub", "sub_": "sub", "__sub__": "sub",
+                         "mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
+                         "__imul__": "mul", "div": "div", "div_": "div", "__truediv__": "div",
+                         "true_divide": "div"}
+_DROPOUT_FUNCTIONS = {"dropout": "element", "dropout1d": "channel", "dropout2d": "channel",
+                      "dropout3d": "channel"}
 
 
 def check_model(model, what: str) -> None:
@@ -54,6 +77,17 @@ def input_shape(model, what: str) -> tuple[int, int, int]:
     """A torch module declares no input shape: the Keras model's (or the caller's) is used."""
     raise PortError(f"{what}: a torch module has no declared input shape: pass input_shape "
                     "(H, W, C) / --input-shape H,W,C")
+
+
+def _activation_name(module) -> tuple[str | None, dict]:
+    """A torch activation module's name and the parameters that change it."""
+    name = next((act for kind, act in _ACTIVATIONS.items() if type(module) is kind), None)
+    params = {}
+    if isinstance(module, nn.LeakyReLU):
+        params["slope"] = float(module.negative_slope)
+    if isinstance(module, nn.GELU):
+        params["approximate"] = module.approximate
+    return name, params
 
 
 def _pair2(value) -> tuple[int, int]:
@@ -83,23 +117,34 @@ def _conv_record(name, module: nn.Conv2d, in_shape, out_shape) -> Leaf:
               "out_channels": module.out_channels, "kernel": tuple(module.kernel_size),
               "stride": tuple(module.stride), "dilation": tuple(module.dilation),
               "groups": module.groups, "bias": module.bias is not None, "pad": pad,
-              "same": module.padding == "same", "in_hw": tuple(in_shape[2:]),
-              "activation": None}
+              "same": module.padding == "same", "in_hw": tuple(in_shape[2:])}
     return Leaf(name, "conv", type(module).__name__, params, shapes,
                 tuple(int(d) for d in out_shape[1:]), module)
 
 
-def _record(name, module, in_shape, out_shape, previous) -> Leaf | None:
+def _features_last(out_shape, n: int) -> bool:
+    """A Linear or LayerNorm on a channels-last map (ConvNeXt's blocks permute to NHWC)."""
+    return len(out_shape) == 4 and int(out_shape[-1]) == n
+
+
+def _canonical_shape(out_shape, features_last: bool = False) -> tuple:
+    shape = tuple(int(d) for d in out_shape[1:])
+    return (shape[2], shape[0], shape[1]) if features_last else shape
+
+
+def _record(name, module, in_shape, out_shape) -> Leaf | None:
     cls = type(module).__name__
-    out = tuple(int(d) for d in out_shape[1:])
+    out = _canonical_shape(out_shape)
     if isinstance(module, nn.Conv2d):
         return _conv_record(name, module, in_shape, out_shape)
     if isinstance(module, nn.Linear):
         shapes = {"weight": tuple(module.weight.shape)}
         if module.bias is not None:
             shapes["bias"] = tuple(module.bias.shape)
+        last = _features_last(out_shape, module.out_features)
         return Leaf(name, "dense", cls, {"bias": module.bias is not None, "flatten_from": None,
-                                         "activation": None}, shapes, out, module)
+                                         "features_last": last}, shapes,
+                    _canonical_shape(out_shape, last), module)
     if isinstance(module, _BN):
         n = module.num_features if hasattr(module, "num_features") else module.weight.shape[0]
         frozen = isinstance(module, FrozenBatchNorm2d)
@@ -122,23 +167,40 @@ def _record(name, module, in_shape, out_shape, previous) -> Leaf | None:
         shapes = {"weight": (n,)} if affine else {}
         if affine and module.bias is not None:
             shapes["bias"] = (n,)
+        # torchvision's LayerNorm2d permutes to channels-last and back inside its forward
+        last = _features_last(out_shape, n) and type(module).forward is nn.LayerNorm.forward
         return Leaf(name, "layernorm", cls, {"features": n, "eps": float(module.eps),
                                              "center": affine and module.bias is not None,
-                                             "scale": affine}, shapes, out, module)
+                                             "scale": affine, "features_last": last}, shapes,
+                    _canonical_shape(out_shape, last), module)
+    if isinstance(module, Normalize):
+        std = np.broadcast_to(np.asarray(module.std, np.float64), int(in_shape[1]))
+        return Leaf(name, "preprocess", cls, {
+            "op": "normalize", "mean": [float(v) for v in np.ravel(module.mean)],
+            "variance": [float(v) ** 2 for v in std], "channels": int(in_shape[1])},
+            {}, out, module)
+    if isinstance(module, StochasticDepth):
+        return Leaf(name, "dropout", cls, {"rate": float(module.p), "mode": module.mode},
+                    {}, out, module)
     if isinstance(module, _DROPOUT):
-        return Leaf(name, "dropout", cls, {"rate": float(module.p)}, {}, out, module)
+        mode = "channel" if isinstance(module, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) \
+            else "element"
+        return Leaf(name, "dropout", cls, {"rate": float(module.p), "mode": mode}, {}, out,
+                    module)
     if isinstance(module, nn.Flatten):
-        return Leaf(name, "flatten", cls, {}, {}, out, module)
+        return Leaf(name, "flatten", cls, {"in_shape": tuple(int(d) for d in in_shape[1:])},
+                    {}, out, module)
     if isinstance(module, nn.ZeroPad2d):
         left, r, t, b = module.padding
         return Leaf(name, "pad", cls, {"pad": (t, b, left, r), "in_hw": tuple(in_shape[2:])},
                     {}, out, module)
-    for kind, act in _ACTIVATIONS.items():
-        if type(module) is kind:
-            return Leaf(name, "activation", cls, {"name": act}, {}, out, module)
+    activation, params = _activation_name(module)
+    if activation is not None:
+        return Leaf(name, "activation", cls, {"name": activation, **params}, {}, out, module)
     if next(module.parameters(recurse=False), None) is not None:
         raise PortError(f"torch module {name!r} ({cls}) has weights but no port mapping "
-                        "(supported: Conv2d, Linear, BatchNorm2d, FrozenBatchNorm2d, LayerNorm)")
+                        "(supported: Conv2d, Linear, BatchNorm2d, FrozenBatchNorm2d, LayerNorm, "
+                        "a non-leaf module's per-channel scale)")
     return None
 
 
@@ -146,13 +208,204 @@ def _leaf_modules(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
 
 
+def _owned_parameters(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
+    """Parameters of modules that have children (ConvNeXt's ``CNBlock.layer_scale``):
+    id -> (dotted name, owner, attribute)."""
+    out = {}
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None:
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            out[id(param)] = (f"{name}.{attr}" if name else attr, module, attr)
+    return out
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class _Dataflow(TorchFunctionMode):
+    """Hooks on the leaf modules and a function mode between them: every tensor carries the
+    records its value came from. ``wanted``: the names whose outputs to keep (capture)."""
+
+    def __init__(self, model: nn.Module, describing: bool, wanted: frozenset = frozenset()):
+        super().__init__()
+        self.model, self.describing, self.wanted = model, describing, wanted
+        self.leaves = _leaf_modules(model)
+        self.names = {id(m): name for name, m in self.leaves}
+        self.owned = _owned_parameters(model)
+        self.origin: dict[int, tuple[frozenset, bool]] = {}  # tensor id -> (records, via ops)
+        self.kept: list[torch.Tensor] = []  # keeps ids unique while the pass runs
+        self.records: list[Leaf] = []
+        self.outputs: dict[str, np.ndarray] = {}
+        self.done: set[str] = set()
+        self.inside = 0  # > 0 while a leaf module runs: its own functions are not recorded
+        self.pending: list[tuple[frozenset, bool]] = []  # each running leaf's input sources
+        self.counts: dict[str, int] = {}
+
+    def mark(self, tensor, records: frozenset, via: bool) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self.origin[id(tensor)] = (records, via)
+            self.kept.append(tensor)
+
+    def source_of(self, values) -> tuple[frozenset, bool]:
+        found, via = set(), False
+        for t in _tensors(values):
+            records, through = self.origin.get(id(t), (frozenset(), True))
+            found |= records
+            via = via or through
+        return frozenset(found), via or len(found) > 1
+
+    def mark_all(self, output, records, via) -> None:
+        for t in _tensors(output):
+            self.mark(t, records, via)
+
+    # -- leaf modules ------------------------------------------------------------------
+    def before(self, module, inputs):
+        self.pending.append(self.source_of(inputs))
+        self.inside += 1
+
+    def after(self, module, inputs, output):
+        try:
+            self._after(module, inputs, output)
+        finally:
+            self.inside -= 1
+
+    def _after(self, module, inputs, output):
+        sources = self.pending.pop()
+        name = self.names[id(module)]
+        shapes = (_shape(_tensors(inputs)[0]) if _tensors(inputs) else (),
+                  _shape(_tensors(output)[0]) if _tensors(output) else ())
+        record = _record(name, module, *shapes) if self.describing or name in self.wanted \
+            else None
+        if record is None:  # parameter-free and not named: its output comes from its inputs
+            self.mark_all(output, sources[0], True)
+            return
+        if name in self.done and not record.weighted:  # a reused ReLU: one record per call
+            record.name = name = self._name(name)
+        if self.describing and name not in self.done:
+            record.sources, record.via_ops = sources
+            self.records.append(record)
+            self.done.add(name)
+        if name in self.wanted and name not in self.outputs:
+            self._keep(record, output)
+        self.mark_all(output, frozenset([name]), False)
+
+    def _keep(self, record: Leaf, output) -> None:
+        value = _tensors(output)[0].detach().cpu().numpy().copy()
+        self.outputs[record.name] = activation_to_canonical(
+            value, record.params.get("features_last", False))
+
+    # -- functions between them --------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if self.inside:
+            return output
+        record = self._function_record(func, args, kwargs, output)
+        if record is None:
+            self.mark_all(output, *self.source_of((args, kwargs)))
+            return output
+        inputs = [a for a in _tensors((args, kwargs)) if id(a) not in self.owned]
+        if self.describing and record.name not in self.done:
+            record.sources, record.via_ops = self.source_of(inputs)
+            self.records.append(record)
+            self.done.add(record.name)
+        if record.name in self.wanted and record.name not in self.outputs:
+            self.inside += 1  # the copy's own functions are not the model's
+            try:
+                self._keep(record, output)
+            finally:
+                self.inside -= 1
+        self.mark_all(output, frozenset([record.name]), False)
+        return output
+
+    def _name(self, base: str) -> str:
+        """``base``, then ``base#2``, ``base#3`` ... for the next records of that name."""
+        self.counts[base] = self.counts.get(base, 1 if base in self.done else 0) + 1
+        return base if self.counts[base] == 1 else f"{base}#{self.counts[base]}"
+
+    def _function_record(self, func, args, kwargs, output) -> Leaf | None:
+        fname = getattr(func, "__name__", "")
+        tensors = _tensors((args, kwargs))
+        owned = [self.owned[id(t)] for t in tensors if id(t) in self.owned]
+        out = _tensors(output)
+        if owned:
+            return self._owned_record(fname, owned[0], tensors, out)
+        if not out or not tensors:
+            return None
+        shape = _canonical_shape(_shape(out[0]))
+        if fname in _ACTIVATION_FUNCTIONS:
+            params = {"name": _ACTIVATION_FUNCTIONS[fname]}
+            if fname.startswith("leaky_relu"):
+                params["slope"] = float(_number(args[1]) if len(args) > 1 else kwargs.get(
+                    "negative_slope", 0.01))
+            if fname == "gelu":
+                params["approximate"] = kwargs.get("approximate", "none")
+            return Leaf(self._name(f"F.{params['name']}"), "activation", fname, params, {},
+                        shape)
+        if fname in _ARITHMETIC_FUNCTIONS and len(args) >= 2 and len(tensors) == 1:
+            value = _number(args[1]) if isinstance(args[0], torch.Tensor) else _number(args[0])
+            if value is not None and "alpha" not in kwargs:
+                return Leaf(self._name(f"F.{_ARITHMETIC_FUNCTIONS[fname]}"), "op", fname,
+                            {"op": _ARITHMETIC_FUNCTIONS[fname], "value": value}, {}, shape)
+        if fname == "pad" and len(args) >= 2 and len(args[1]) == 4 and kwargs.get(
+                "mode", "constant") == "constant" and not kwargs.get("value"):
+            left, r, t, b = (int(v) for v in args[1])
+            return Leaf(self._name("F.pad"), "pad", fname, {
+                "pad": (t, b, left, r), "in_hw": tuple(_shape(tensors[0])[2:])}, {}, shape)
+        if fname in _DROPOUT_FUNCTIONS:
+            p = _number(args[1]) if len(args) > 1 else kwargs.get("p", 0.5)
+            return Leaf(self._name(f"F.{fname}"), "dropout", fname,
+                        {"rate": float(p), "mode": _DROPOUT_FUNCTIONS[fname]}, {}, shape)
+        return None
+
+    def _owned_record(self, fname: str, owned, tensors, out) -> Leaf:
+        """A non-leaf module's parameter used by a function: a per-channel scale, or an
+        error naming it."""
+        name, owner, attr = owned
+        param = getattr(owner, attr)
+        data = [t for t in tensors if id(t) not in self.owned]
+        n = param.numel()
+        shape = tuple(param.shape)
+        per_channel = (fname in ("mul", "__mul__", "__rmul__") and len(data) == 1 and out
+                       and data[0].dim() == 4
+                       and (shape == (n,) and data[0].shape[-1] == n
+                            or shape in ((n, 1, 1), (1, n, 1, 1)) and data[0].shape[1] == n))
+        if not per_channel:
+            where = name[:-len(attr) - 1] or "(model)"
+            raise PortError(f"torch module {where!r} ({type(owner).__name__}): parameter "
+                            f"{attr!r} {shape} is used by "
+                            f"{fname} and has no port mapping (supported: a per-channel scale "
+                            "x * p)")
+        last = shape == (n,)
+        return Leaf(name, "scale", f"{type(owner).__name__}.{attr}",
+                    {"features": n, "features_last": last}, {"weight": (n,)},
+                    _canonical_shape(_shape(out[0]), last), (owner, attr))
+
+
 @contextlib.contextmanager
-def _hooked(modules, on_call) -> Iterator[None]:
-    handles = [m.register_forward_hook(
-        lambda m, inputs, output: on_call(m, inputs[0] if inputs else None, output))
-               for m in modules]
+def _traced(model: nn.Module, describing: bool, wanted=frozenset()) -> Iterator[_Dataflow]:
+    """A :class:`_Dataflow` active on ``model``: hooks on every leaf module and its mode."""
+    flow = _Dataflow(model, describing, frozenset(wanted))
+    modules = [m for _, m in flow.leaves]
+    handles = [m.register_forward_pre_hook(flow.before) for m in modules]
+    handles += [m.register_forward_hook(flow.after) for m in modules]
     try:
-        yield
+        with flow:
+            yield flow
     finally:
         for handle in handles:
             handle.remove()
@@ -200,34 +453,29 @@ def _tensor(x: np.ndarray, model: nn.Module) -> torch.Tensor:
 
 
 def describe(model: nn.Module, probe: np.ndarray, what: str = "torch model") -> list[Leaf]:
-    """Every leaf module the forward pass on ``probe`` (canonical NCHW) calls, in call order."""
-    leaves = _leaf_modules(model)
-    names = {id(m): name for name, m in leaves}
-    events = []
-
-    def seen(module, inputs, output):
-        events.append((module, _shape(inputs), _shape(output)))
-
-    with _hooked([m for _, m in leaves], seen), _state_kept(model, False), torch.no_grad():
+    """Every leaf module (and recorded function) the forward pass on ``probe`` (canonical
+    NCHW) calls, in call order, with the records its input comes from."""
+    x = _tensor(probe, model)
+    with _state_kept(model, False), torch.no_grad(), _traced(model, True) as flow:
         model.eval()
+        flow.mark(x, frozenset([INPUT]), False)
         try:
-            model(_tensor(probe, model))
+            model(x)
+        except PortError as exc:
+            raise PortError(f"{what}: {exc}") from None
         except Exception as exc:  # noqa: BLE001  (a model that rejects the input: bad input)
             raise PortError(f"{what}: the forward pass on input (C, H, W) "
                             f"{tuple(probe.shape[1:])} failed ({_first_error_line(exc)})") from None
-    records, done, previous = [], set(), None
-    for module, in_shape, out_shape in events:
-        if id(module) in done:
-            continue
-        done.add(id(module))
-        record = _record(names[id(module)], module, in_shape, out_shape, previous)
-        previous = (record.kind if record else None, in_shape)
-        if record is not None:
-            records.append(record)
-    return records
+    position = {r.name: i for i, r in enumerate(flow.records)}
+    for record in flow.records:
+        record.sources = tuple(sorted(record.sources, key=lambda n: position.get(n, -1)))
+    return flow.records
 
 
 def _variables(leaf: Leaf) -> dict[str, tuple[torch.Tensor, str]]:
+    if leaf.kind == "scale":
+        owner, attr = leaf.ref
+        return {"weight": (getattr(owner, attr), "scale")}
     module = leaf.ref
     keys = [k for k in ("weight", "bias", "running_mean", "running_var") if k in leaf.shapes]
     return {k: (getattr(module, k), leaf.params.get("layout", "vector")
@@ -265,21 +513,15 @@ def capture(model: nn.Module, leaves: list[Leaf], x: np.ndarray,
     """Each leaf's output (first call, canonical layout) for ``x`` in one mode.
 
     Training mode is what a loop's ``model.train()`` leaves (a ``train()``
-    override counts), with every Dropout in eval mode; nothing keeps a change.
+    override counts), with every Dropout and StochasticDepth in eval mode; nothing keeps
+    a change.
     """
-    wanted = {id(leaf.ref): leaf.name for leaf in leaves}
-    out: dict[str, np.ndarray] = {}
-
-    def seen(module, inputs, output):
-        name = wanted.get(id(module))
-        if name is not None and name not in out:
-            out[name] = activation_to_canonical(output.detach().cpu().numpy().copy())
-
-    with _hooked([leaf.ref for leaf in leaves], seen), _state_kept(model, False), torch.no_grad():
+    wanted = frozenset(leaf.name for leaf in leaves)
+    with _state_kept(model, False), torch.no_grad(), _traced(model, False, wanted) as flow:
         model.train(training)
         _dropout_off(model)
         model(_tensor(x, model))
-    return out
+    return flow.outputs
 
 
 def _optimizer(setup: dict, model: nn.Module):

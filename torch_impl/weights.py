@@ -387,21 +387,30 @@ def _state_from_file(contents, where: str, expected) -> tuple[TrainingState, dic
 
 # --- single tensors, for modules outside the project's own trees (``torch_impl/port.py``) ---
 def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None) -> np.ndarray:
-    """One torch tensor in the canonical layout: torch's own, for every kind."""
+    """One torch tensor in the canonical layout: torch's own for every kind but "scale", a
+    per-channel scale stored broadcastable (ConvNeXt's ``layer_scale`` (C, 1, 1)): (C,)."""
+    if kind == "scale":
+        return np.ascontiguousarray(np.reshape(value, -1))
     return np.ascontiguousarray(value)
 
 
 def from_canonical(value: np.ndarray, kind: str, shape: tuple,
                    flatten_from: tuple | None = None) -> np.ndarray:
-    """Inverse of :func:`to_canonical`: the identity."""
+    """Inverse of :func:`to_canonical` for a tensor of ``shape``."""
+    if kind == "scale":
+        return np.ascontiguousarray(np.reshape(value, shape))
     return np.ascontiguousarray(value)
 
 
-def activation_to_canonical(value: np.ndarray) -> np.ndarray:
-    """A torch activation in the canonical layout: NCHW already."""
-    return np.asarray(value)
+def activation_to_canonical(value: np.ndarray, features_last: bool = False) -> np.ndarray:
+    """A torch activation in the canonical layout: NCHW already, except the channels-last
+    maps a Linear or LayerNorm returns inside a block that permuted to (N, H, W, C)."""
+    value = np.asarray(value)
+    if features_last and value.ndim == 4:
+        return np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+    return value
 
 
 def activation_from_canonical(value: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`activation_to_canonical`: the identity."""
+    """Inverse of :func:`activation_to_canonical` for the model's input: the identity."""
     return np.asarray(value)

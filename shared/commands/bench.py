@@ -29,13 +29,17 @@ from shared.errors import UsageError
 from shared.io import atomic_write_json, check_output_file
 from shared.pretrain import PretrainConfig
 
-__all__ = ["QUICK", "add_parser", "run"]
+__all__ = ["QUICK", "add_parser", "bench_pairing", "bench_port", "bench_port_family", "run"]
 
 # --port: `freeze-parity port` on ResNet-18 (torchvision vs the Keras rebuild), every
 # tensor training (the most work per step), lr 0.001 so float32 rounding stays in tolerance.
 PORT_BENCH = {"arch": "resnet18", "strategy": "full", "size": 64, "steps": 5,
               "learning_rate": 0.001}
 PORT_GOAL_S = 20.0
+# --port also times the check on each family keras.applications and torchvision share
+# (shared/port/families.py: 64x64, one step; ResNet50's is the figure README states) and
+# the pairing alone (describing both models, pairing by dataflow) on the deepest graph.
+PAIRING_BENCH_FAMILY = "DenseNet121"
 
 # --quick: a smoke test of the whole machinery in seconds; its figures mean nothing.
 QUICK = {"repeats": 1, "steps": 2, "long_factor": 2, "warmup": 0, "threads": 1}
@@ -74,10 +78,12 @@ def add_parser(parser) -> None:
                              "framework (lockstep, envelope rerun, float64 run), and the demo's "
                              "whole matrix against its free runs alone, side by side")
     parser.add_argument("--port", action="store_true",
-                        help=f"time only the port check of the project's ResNet-18 pair "
+                        help=f"time only the port check: the project's ResNet-18 pair "
                              f"({PORT_BENCH['strategy']} strategy, {PORT_BENCH['size']}x"
                              f"{PORT_BENCH['size']}, {PORT_BENCH['steps']} steps; goal <= "
-                             f"{PORT_GOAL_S:g} s after imports)")
+                             f"{PORT_GOAL_S:g} s after imports), each keras.applications / "
+                             f"torchvision family, and the pairing alone on "
+                             f"{PAIRING_BENCH_FAMILY}")
 
 
 def config_from_args(args) -> BenchConfig:
@@ -150,6 +156,78 @@ def bench_port(settings: dict = PORT_BENCH) -> dict:
             "ok": report.ok, "findings": report.codes(), "loadavg": list(os.getloadavg())}
 
 
+def _family_pair(family: str, size: int):
+    from shared import frameworks
+
+    torch_net = frameworks.load("torch", "applications").build(family, size)
+    return frameworks.load("tf", "applications").build(family, size), torch_net
+
+
+def bench_port_family(family: str, size: int | None = None, steps: int | None = None) -> dict:
+    """Seconds of the whole port check (torch weights transferred) on one family's pair."""
+    from shared.port import check_port
+    from shared.port.families import SIZE, STEPS
+
+    size, steps = size or SIZE, STEPS if steps is None else steps
+    start = time.perf_counter()
+    keras_net, torch_net = _family_pair(family, size)
+    built, cpu = time.perf_counter(), time.process_time()
+    report = check_port(keras_net, torch_net, input_shape=(size, size, 3), steps=steps,
+                        transfer_from="torch")
+    done, cpu_done = time.perf_counter(), time.process_time()
+    return {"family": family, "size": size, "steps": steps, "build_s": built - start,
+            "check_s": done - built, "check_cpu_s": cpu_done - cpu, "pairs": len(report.pairs),
+            "findings": report.codes(), "loadavg": list(os.getloadavg())}
+
+
+def bench_pairing(family: str = PAIRING_BENCH_FAMILY, size: int | None = None) -> dict:
+    """Seconds to describe both models of one family on a probe batch and pair them."""
+    from shared.port import pair_models
+    from shared.port.families import SIZE
+
+    size = size or SIZE
+    keras_net, torch_net = _family_pair(family, size)
+    start, cpu = time.perf_counter(), time.process_time()
+    _, keras_leaves, torch_leaves, pairs = pair_models(keras_net, torch_net,
+                                                       input_shape=(size, size, 3))
+    return {"family": family, "size": size, "pair_s": time.perf_counter() - start,
+            "pair_cpu_s": time.process_time() - cpu, "pairs": len(pairs),
+            "records": [len(keras_leaves), len(torch_leaves)], "loadavg": list(os.getloadavg())}
+
+
+def _run_port(args) -> int:
+    from shared.port.families import FAMILIES
+
+    if args.json:
+        check_output_file(args.json, "--json")  # before minutes of measuring
+    result = bench_port()
+    print(f"port check, {result['settings']['arch']} pair ({result['settings']['strategy']}, "
+          f"{result['settings']['size']}x{result['settings']['size']}, "
+          f"{result['settings']['steps']} steps, {result['pairs']} pairs): "
+          f"{result['check_s']:.1f} s wall, {result['check_cpu_s']:.1f} s CPU "
+          f"(goal <= {PORT_GOAL_S:g} s wall: "
+          f"{'met' if result['met'] else 'NOT met'}); building the pair {result['build_s']:.1f} s; "
+          f"verdict {'no finding' if result['ok'] else ', '.join(result['findings'])}; "
+          f"load average {result['loadavg'][0]:.1f}", flush=True)
+    families = []
+    for family in FAMILIES:
+        row = bench_port_family(family)
+        families.append(row)
+        print(f"port check, {family} (keras.applications vs torchvision, {row['size']}x"
+              f"{row['size']}, {row['steps']} step{'s' if row['steps'] != 1 else ''}, "
+              f"{row['pairs']} pairs): {row['check_s']:.1f} s wall, {row['check_cpu_s']:.1f} s "
+              f"CPU; building the pair {row['build_s']:.1f} s; {len(row['findings'])} findings; "
+              f"load average {row['loadavg'][0]:.1f}", flush=True)
+    pairing = bench_pairing()
+    print(f"pairing alone, {pairing['family']} ({pairing['size']}x{pairing['size']}, "
+          f"{pairing['records'][0]} keras and {pairing['records'][1]} torch records, "
+          f"{pairing['pairs']} pairs): {pairing['pair_s']:.2f} s wall, "
+          f"{pairing['pair_cpu_s']:.2f} s CPU; load average {pairing['loadavg'][0]:.1f}")
+    if args.json:
+        atomic_write_json(args.json, {**result, "families": families, "pairing": pairing})
+    return 0
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -165,18 +243,7 @@ def run(args) -> int:
         print("\n".join(render_verdicts(result)))
         return 0
     if args.port:
-        result = bench_port()
-        if args.json:
-            atomic_write_json(args.json, result)
-        print(f"port check, {result['settings']['arch']} pair ({result['settings']['strategy']}, "
-              f"{result['settings']['size']}x{result['settings']['size']}, "
-              f"{result['settings']['steps']} steps, {result['pairs']} pairs): "
-              f"{result['check_s']:.1f} s wall, {result['check_cpu_s']:.1f} s CPU "
-              f"(goal <= {PORT_GOAL_S:g} s wall: "
-              f"{'met' if result['met'] else 'NOT met'}); building the pair {result['build_s']:.1f} s; "
-              f"verdict {'no finding' if result['ok'] else ', '.join(result['findings'])}; "
-              f"load average {result['loadavg'][0]:.1f}")
-        return 0
+        return _run_port(args)
     config = config_from_args(args)
     if args.json:
         check_output_file(args.json, "--json")  # before minutes of measuring

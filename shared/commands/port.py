@@ -3,9 +3,10 @@
 Each target is a saved Keras model (``model.keras``, Keras side only) or a
 factory ``package.module:function`` returning the model (or ``(model,
 optimizer)``), prepared as your training loop uses it (frozen parts frozen).
-The check (:func:`shared.port.check_port`) pairs the two models' leaves, lints
-every pair, compares per-layer outputs in inference and training mode and runs
-``--steps`` optimizer steps on both. Prints the per-layer table and the
+The check (:func:`shared.port.check_port`) pairs the two models' weighted layers
+by dataflow (``--map`` for what the graph cannot decide), lints every pair,
+compares per-layer outputs in inference and training mode and runs ``--steps``
+optimizer steps on both. Prints the per-layer table and the
 findings; ``--json`` and ``--out`` write the report (``--out``: port.json and
 port.png, all or none). Exit status: 0 equivalent, 1 findings (named), 2 bad
 input (one line naming the target and the layer).
@@ -16,7 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.commands.audit import load_target, print_report
+from shared.commands.output import print_report
+from shared.commands.targets import load_target
 from shared.errors import UsageError
 
 __all__ = ["add_parser", "parse_input_shape", "parse_name_map", "run"]
@@ -45,7 +47,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="a state_dict (.pth/.pt read with weights_only, or .safetensors) "
                         "loaded strictly into the torch model")
     parser.add_argument("--map", action="append", default=[], metavar="KERAS=TORCH",
-                        help="pair these two layers explicitly (repeatable)")
+                        help="pair these two layers explicitly, where the dataflow graph "
+                        "cannot decide (repeatable)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write the report as JSON")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",

@@ -323,3 +323,241 @@ def frozen_bn_torch():
     model.bn = frozen
     model.conv.requires_grad_(False)
     return model
+
+
+# --- dataflow: branches called in another order, and what the graph cannot decide --------
+def _block_keras(shortcut_first: bool, same_branches: bool = False, name: str = "block"):
+    """conv -> bn -> relu, then a residual block whose shortcut is a 1x1 conv + BN; with
+    ``same_branches`` the main branch is a 1x1 conv + BN too (the two are interchangeable)."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+
+    def shortcut(t):
+        t = keras.layers.Conv2D(16, 1, use_bias=False, name="shortcut")(t)
+        return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="shortcut_bn")(t)
+
+    def main(t):
+        kernel = 1 if same_branches else 3
+        t = keras.layers.Conv2D(16, kernel, padding="same", use_bias=False, name="main")(t)
+        return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="main_bn")(t)
+
+    if shortcut_first:
+        s = shortcut(x)
+        m = main(x)
+    else:
+        m = main(x)
+        s = shortcut(x)
+    x = keras.layers.ReLU(name="out_relu")(keras.layers.Add(name="add")([m, s]))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x), name=name)
+
+
+def _block_torch(same_branches: bool = False):
+    torch = _torch()
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.stem_bn = nn.BatchNorm2d(8)
+            kernel = 1 if same_branches else 3
+            self.main = nn.Conv2d(8, 16, kernel, padding=kernel // 2, bias=False)
+            self.main_bn = nn.BatchNorm2d(16)
+            self.shortcut = nn.Conv2d(8, 16, 1, bias=False)
+            self.shortcut_bn = nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            x = torch.relu(self.stem_bn(self.stem(x)))
+            out = self.main_bn(self.main(x))  # the main branch first, the shortcut after
+            out += self.shortcut_bn(self.shortcut(x))
+            return self.fc(torch.relu(out).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Block()
+
+
+def shortcut_first_keras():
+    """A residual block whose Keras model calls the shortcut conv before the main branch
+    (as keras.applications.ResNet50 does); its torch twin calls it after."""
+    return _block_keras(shortcut_first=True)
+
+
+def shortcut_after_torch():
+    return _block_torch()
+
+
+def twin_branches_keras():
+    """Two branches of the same kind and shapes from the same input, added: the dataflow
+    graph cannot tell which Keras branch is which torch branch."""
+    return _block_keras(shortcut_first=True, same_branches=True)
+
+
+def twin_branches_torch():
+    return _block_torch(same_branches=True)
+
+
+# --- stochastic depth and drop-connect dropout --------------------------------------------
+def drop_path_keras(rate: float = 0.2):
+    """A residual conv whose branch has Keras's drop-connect (EfficientNet's
+    Dropout(noise_shape=(None, 1, 1, 1))) before the add."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="branch")(x)
+    y = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name="drop")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def drop_path_torch(rate: float = 0.2, mode: str = "row"):
+    """The torch twin with torchvision's StochasticDepth(rate, mode) on the branch."""
+    torch = _torch()
+    nn = torch.nn
+    from torchvision.ops import StochasticDepth
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.branch = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.drop = StochasticDepth(rate, mode)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.fc((x + self.drop(self.branch(x))).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def drop_path_batch_torch():
+    """StochasticDepth in 'batch' mode: one draw for the whole batch, not one per sample."""
+    return drop_path_torch(mode="batch")
+
+
+def drop_path_rate_torch():
+    return drop_path_torch(rate=0.3)
+
+
+# --- GELU: exact against the tanh approximation ---------------------------------------------
+def gelu_tanh_keras():
+    """A Dense block with keras.activations.gelu(approximate=True) (torch: exact nn.GELU())."""
+    import functools
+
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    gelu = functools.partial(keras.activations.gelu, approximate=True)
+    x = keras.layers.Dense(16, activation=gelu, name="fc1")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def gelu_torch():
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.fc1 = nn.Linear(8, 16)
+            self.gelu = nn.GELU()
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.gelu(self.fc1(self.conv(x).mean(dim=(2, 3)))))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+# --- a parameter of a non-leaf module used other than as a per-channel scale -------------
+def class_token_torch():
+    """A module whose own parameter (a class token, as in a vision transformer) is joined to
+    the features with torch.cat: no Keras layer holds such a thing in the port check."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.token = nn.Parameter(torch.zeros(1, 8))
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            features = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+            tokens = torch.cat([self.token.expand(len(x), -1)[:, None], features[:, None]], 1)
+            return self.fc(tokens.mean(dim=1))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+# --- preprocessing inside the model, on both sides ------------------------------------------
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def imagenet_normalization_keras():
+    """keras.applications.ConvNeXt's PreStem: a Normalization with ImageNet's mean and
+    variance (x 255), then a conv."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Normalization(mean=list(IMAGENET_MEAN),
+                                   variance=[s ** 2 for s in IMAGENET_STD], name="norm")(inputs)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def imagenet_normalize_torch(normalize: bool = True):
+    """The torch twin: torchvision.transforms.Normalize as the model's first module (or,
+    ``normalize=False``, none: the data would have to come normalised)."""
+    torch = _torch()
+    nn = torch.nn
+    from torchvision.transforms import Normalize
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if normalize else nn.Identity()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.norm(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def untraceable_keras():
+    """A subclassed model whose call reads a value (``float(...)``): it runs eagerly but
+    cannot be traced into a graph, so its dataflow is unknown (conv, bn, fc in call order)."""
+    keras = _keras()
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")
+            self.bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")
+            self.fc = keras.layers.Dense(CLASSES, name="fc")
+
+        def call(self, x, training=None):
+            x = keras.ops.relu(self.bn(self.conv(x), training=training))
+            scale = 1.0 if float(keras.ops.max(x)) >= 0 else -1.0  # a value, not a tensor
+            return self.fc(keras.ops.mean(x, axis=(1, 2)) * scale)
+
+    model = Model()
+    model(keras.ops.zeros((1, SIZE, SIZE, 3)))
+    return model
