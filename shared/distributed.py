@@ -400,12 +400,16 @@ def replica_expectation(strategy: str, framework: str, options: ReplicaOptions) 
     return "differ"
 
 
-def replica_tolerance(strategy: str, options: ReplicaOptions) -> tuple[str, float | None]:
-    """The named tolerance a "match" is judged with: REPLICA_STEP_ATOL where BatchNorm uses
-    stored statistics; the single run's rounding envelope (``None``: the envelope decides)
-    for synchronized BatchNorm on batch statistics, whose all-reduced moments are summed in
-    another order and whose backward grows that rounding along the run, as tf vs torch."""
-    if options.synchronized_bn and get_strategy(strategy).bn_mode == "batch":
+def replica_tolerance(strategy: str, options: ReplicaOptions,
+                      has_envelope: bool = False) -> tuple[str, float | None]:
+    """The named tolerance a "match" is judged with: the single run's rounding envelope
+    (``None``: the envelope decides; the same framework's, shared.matrix.envelope_of),
+    which replicas' other summation order stays within wherever the maths is the same; it
+    is required for synchronized BatchNorm on batch statistics, whose backward grows that
+    rounding along the run. Without an envelope, REPLICA_STEP_ATOL: a few steps on stored
+    statistics, which no point where rounding decides has been crossed in (100 steps of
+    `partial` cross one: replicas then part by 2e-3, within the envelope)."""
+    if has_envelope or (options.synchronized_bn and get_strategy(strategy).bn_mode == "batch"):
         return "ENVELOPE", None
     return "REPLICA_STEP_ATOL", tol.REPLICA_STEP_ATOL
 
@@ -434,8 +438,8 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord,
                      envelope=None) -> ReplicaComparison:
     """The data-parallel run against the single-process run of the same config.
 
-    ``envelope`` (``shared.envelope.Envelope`` of ``single``): judges a synchronized-BN run
-    on batch statistics (``replica_tolerance``), which needs one.
+    ``envelope`` (``shared.envelope.Envelope`` of ``single``, the same framework's): judges
+    a "match" (``replica_tolerance``); a synchronized-BN run on batch statistics needs one.
     """
     rec = replicated.record
     if (single.framework, single.strategy) != (rec.framework, rec.strategy) or \
@@ -456,7 +460,7 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord,
     diffs += [abs(a.loss - b.loss) for a, b in zip(single.heldout, rec.heldout, strict=True)]
     max_diff = max(diffs, default=0.0)
     expected = replica_expectation(rec.strategy, rec.framework, replicated.options)
-    name, atol = replica_tolerance(rec.strategy, replicated.options)
+    name, atol = replica_tolerance(rec.strategy, replicated.options, envelope is not None)
     cmp = ReplicaComparison(rec.strategy, rec.framework, replicated.options.replicas, expected,
                             name if expected == "match" else "TRAP_MIN_GAP",
                             max_diff, replicated.replica_spread(), replicated.saved_matches())
@@ -468,6 +472,9 @@ def compare_replicas(single: RunRecord, replicated: ReplicaRecord,
         if envelope is None:
             raise ValueError(f"compare_replicas {where}: a synchronized-BN run is judged "
                              f"against the single run's rounding envelope; none given")
+        if envelope.framework != single.framework:
+            raise ValueError(f"compare_replicas {where}: judged against {single.framework}'s "
+                             f"own rounding envelope, got {envelope.framework}'s")
         from shared.envelope import judge_free_run
 
         free = judge_free_run(rec, single, envelope)  # replicas in tf's place: same checks
@@ -505,9 +512,9 @@ REPLICA_COLUMN_NOTES = (
     "1 process / replicas: training-mode loss of the last step, one process with the whole "
     "batch vs N replicas of batch/N each (same samples, same order); max Δ: largest absolute per-step train/eval or held-out loss "
     "difference between them; BN spread: largest difference of a BN statistic between replica "
-    "0 and any other replica at the end; expected: declared (match within REPLICA_STEP_ATOL on "
-    "stored statistics, within the single run's rounding envelope with synchronized BN; or "
-    "differ by more than TRAP_MIN_GAP); saved BN statistics are replica 0's in both frameworks.")
+    "0 and any other replica at the end; expected: declared (match: within the single run's "
+    "rounding envelope, that framework's own; or differ by more than TRAP_MIN_GAP); saved BN "
+    "statistics are replica 0's in both frameworks.")
 
 
 def replica_section(singles: dict[tuple[str, str], RunRecord],
@@ -516,10 +523,11 @@ def replica_section(singles: dict[tuple[str, str], RunRecord],
     """Rows and failures of the replica table from ``(framework, key)`` -> records.
 
     ``key`` is a strategy name, or ``name + SYNC_SUFFIX`` for a synchronized-BN run
-    (compared with the single-process run of ``name``, within ``envelopes[name]``, the
-    single run's rounding envelope).
+    (compared with the single-process run of ``name``, within ``envelopes[(framework,
+    name)]``, that framework's rounding envelope of the single run).
     """
     keys = list(dict.fromkeys(key for _, key in replicated))
+    envelopes = envelopes or {}
     rows, failures = [], []
     for key in keys:
         strategy = key.removesuffix(SYNC_SUFFIX)
@@ -530,7 +538,7 @@ def replica_section(singles: dict[tuple[str, str], RunRecord],
                                                         "expected")})
                 continue
             rec, single = replicated[(fw, key)], singles[(fw, strategy)]
-            cmp = compare_replicas(single, rec, (envelopes or {}).get(strategy))
+            cmp = compare_replicas(single, rec, envelopes.get((fw, strategy)))
             row.update({f"{fw}_single": single.train_losses[-1],
                         f"{fw}_replicas": rec.record.train_losses[-1], f"{fw}_diff": cmp.max_diff,
                         f"{fw}_spread": cmp.replica_spread, f"{fw}_expected": cmp.expected})

@@ -36,8 +36,8 @@ from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, lockstep
 from shared.record import RunConfig, RunRecord
 from shared.worker import TorchWorker
 
-__all__ = ["EQUIVALENT", "FLOAT64_RUN", "WORKERS_ENV", "StrategyResult", "exact_config",
-           "run_matrix", "run_strategy", "workers"]
+__all__ = ["EQUIVALENT", "FLOAT64_RUN", "WORKERS_ENV", "StrategyResult", "envelope_of",
+           "exact_config", "run_matrix", "run_strategy", "workers"]
 
 # strategy -> the strategy whose envelope and float64 run it shares (the same maths)
 EQUIVALENT = {"frozen": "feature_extraction"}
@@ -195,6 +195,17 @@ def run_strategy(config: RunConfig, shared: _Shared | None = None,
         free = judge_free_run(tf_record, torch_record, env, exact, expected)
     return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
                           env, exact, expectations)
+
+
+def envelope_of(framework: str, config: RunConfig, run: RunRecord | None = None,
+                seeds: tuple[int, ...] | None = None) -> Envelope:
+    """``framework``'s own rounding envelope of ``config``: its reruns with rounding seeds
+    around its run (``run``, or run here). What a same-framework comparison (one process
+    against its replicas) is judged against: TensorFlow's float32 rounding is not torch's."""
+    seeds = tuple(tol.ENVELOPE_SEEDS) if seeds is None else tuple(seeds)
+    run = run or _run(framework, config)
+    return envelope_from(run, [_run(framework, dataclasses.replace(config, rounding_seed=s))
+                               for s in seeds])
 
 
 def run_matrix(configs: dict[str, RunConfig],

@@ -170,7 +170,15 @@ def run(args) -> int:
                   f"framework ...", file=sys.stderr, flush=True)
         replicated = distributed.replica_jobs(list(configs), configs, args.replicas)
         singles = {(r.framework, r.strategy): r for res in results for r in (res.tf, res.torch)}
-        envelopes = {res.strategy: res.envelope for res in results}
+        from shared.matrix import envelope_of
+
+        # each framework's replicas against its own rounding envelope of the single run
+        envelopes = {("torch", res.strategy): res.envelope for res in results
+                     if res.envelope is not None}
+        for res in results:
+            if res.dtype == "float32" and any(fw == "tf" and key.removesuffix(
+                    distributed.SYNC_SUFFIX) == res.strategy for fw, key in replicated):
+                envelopes["tf", res.strategy] = envelope_of("tf", configs[res.strategy], res.tf)
         report.replicas = distributed.replica_section(singles, replicated, envelopes)
         report.failures += report.replicas["failures"]
         report.settings["replicas"] = args.replicas
