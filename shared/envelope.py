@@ -79,11 +79,11 @@ def envelope_from(run: RunRecord, reruns: list[RunRecord]) -> Envelope:
             raise ValueError("envelope: a rerun without a perturbed start (rounding_seed)")
         seeds.append(int(rerun.config["rounding_seed"]))
         other = loss_series(rerun)
-        for name in spread:
-            if other[name].shape != base[name].shape:
+        for name, values in base.items():
+            if other[name].shape != values.shape:
                 raise ValueError(f"envelope: rerun seed {seeds[-1]} has {other[name].size} "
-                                 f"{name} points, the run {base[name].size}")
-            spread[name] = np.maximum(spread[name], np.abs(other[name] - base[name]))
+                                 f"{name} points, the run {values.size}")
+            spread[name] = np.maximum(spread[name], np.abs(other[name] - values))
     accuracy = [run.heldout[-1].accuracy] + [r.heldout[-1].accuracy for r in reruns]
     return Envelope(run.framework, seeds, {k: v.tolist() for k, v in spread.items()}, accuracy)
 

@@ -301,7 +301,6 @@ _WIDTHS = {"tf": 3.0, "torch": 1.2}  # tf drawn wide underneath, torch thin on t
 
 def render_figure(report: Report, dpi: int = 100) -> bytes:
     """PNG bytes: one panel per strategy; metadata "panels", "grid", "size", "strategies"."""
-    import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

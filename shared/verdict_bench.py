@@ -99,9 +99,10 @@ def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
 
 def _cpu() -> str:
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     import platform
@@ -110,11 +111,12 @@ def _cpu() -> str:
 
 
 def render_verdicts(result: dict) -> list[str]:
-    lines = [f"verdict costs, tinyconv, 100 SGD steps, median of {len(result['demo_repeats']['runs_s'])}"
-             f" (seconds; {result['cpu']}, {result['cores']} cores, load average "
-             f"{result['load_before'][0]:.1f} before, {result['load_after'][0]:.1f} after)",
-             f"{'strategy':<20}{'torch run':>10}{'tf run':>9}{'lockstep':>10}{'tf steps':>10}"
-             f"{'compare':>9}{'float64?':>9}{'rerun':>8}{'float64':>9}"]
+    lines = [(f"verdict costs, tinyconv, 100 SGD steps, median of "
+              f"{len(result['demo_repeats']['runs_s'])} (seconds; {result['cpu']}, "
+              f"{result['cores']} cores, load average {result['load_before'][0]:.1f} before, "
+              f"{result['load_after'][0]:.1f} after)"),
+             (f"{'strategy':<20}{'torch run':>10}{'tf run':>9}{'lockstep':>10}{'tf steps':>10}"
+              f"{'compare':>9}{'float64?':>9}{'rerun':>8}{'float64':>9}")]
     for name, row in result["strategies"].items():
         extra = row["lockstep_s"] - row["torch_run_s"]
         lines.append(f"{name:<20}{row['torch_run_s']:>10.2f}{row['tf_run_s']:>9.2f}{extra:>10.2f}"
@@ -122,11 +124,11 @@ def render_verdicts(result: dict) -> list[str]:
                      f"{row['lockstep_float64_s']:>9.2f}{row['rerun_s']:>8.2f}"
                      f"{row['float64_s']:>9.2f}")
     demo = result["demo"]
-    lines += ["lockstep: its cost over torch's run alone, of which tf steps (load, step, read "
-              "back), compare (every tensor), float64? (decisions outside the float32 bound)",
-              f"demo: imports {demo['imports_s']:.1f} s; the free runs alone {demo['runs_s']:.1f} s; "
-              f"compare's matrix (lockstep, free runs, envelope, float64; worker processes: "
-              f"{result['workers']}) {demo['matrix_s']:.1f} s; ratio with imports "
-              f"{result['demo_ratio']:.2f}x (goal <= {result['goal_ratio']:g}x: "
-              f"{'met' if result['met'] else 'NOT met'})"]
+    lines += [("lockstep: its cost over torch's run alone, of which tf steps (load, step, read "
+               "back), compare (every tensor), float64? (decisions outside the float32 bound)"),
+              (f"demo: imports {demo['imports_s']:.1f} s; the free runs alone "
+               f"{demo['runs_s']:.1f} s; compare's matrix (lockstep, free runs, envelope, "
+               f"float64; worker processes: {result['workers']}) {demo['matrix_s']:.1f} s; "
+               f"ratio with imports {result['demo_ratio']:.2f}x (goal <= "
+               f"{result['goal_ratio']:g}x: {'met' if result['met'] else 'NOT met'})")]
     return lines

@@ -79,7 +79,7 @@ class TorchWorker:
             self._proc.stdout.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> TorchWorker:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
