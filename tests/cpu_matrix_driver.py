@@ -19,10 +19,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# isort: off
+import torch_impl  # noqa: E402,F401  (torch before TensorFlow)
+import tf_impl  # noqa: E402,F401
+# isort: on
 from test_lockstep import SEEDED  # noqa: E402
 
-import tf_impl  # noqa: E402,F401
-import torch_impl  # noqa: E402,F401  (torch before TensorFlow)
 from shared.cli import main  # noqa: E402
 
 SEEDED_STEPS = "3"
