@@ -41,8 +41,8 @@ from shared.record import RunConfig, RunRecord
 from shared.strategies import bn_prefixes, get_strategy
 from shared.training_state import TrainingState
 
-__all__ = ["LockstepEvent", "LockstepRecord", "StepBounds", "compare_step", "lockstep",
-           "step_bounds"]
+__all__ = ["Check", "LockstepEvent", "LockstepRecord", "StepBounds", "adam_rounding", "compare_step",
+           "lockstep", "loss_check", "moved_check", "step_bounds", "tensor_check", "ulp"]
 
 REFERENCE = "torch"   # trains through its own train.run loop
 FOLLOWER = "tf"       # takes each step from the reference's state
@@ -118,16 +118,17 @@ class Check:
     def outside(self) -> bool:
         return self.ratio > 1.0
 
-    def describe(self) -> str:
+    def describe(self, follower: str = "tf") -> str:
+        """One line; ``follower`` names the side compared with torch (the port check: keras)."""
         what = self.check if not self.key else f"{self.check} {self.key}"
         if self.check.endswith("loss"):
-            return (f"{what}: tf {self.tf:.7g} vs torch {self.torch:.7g}, {self.diff:.3g} apart "
-                    f"(bound {self.bound:.3g})")
+            return (f"{what}: {follower} {self.tf:.7g} vs torch {self.torch:.7g}, "
+                    f"{self.diff:.3g} apart (bound {self.bound:.3g})")
         if self.check == "moved":
-            return (f"{what}: moved on one side only (largest change: tf {self.tf:.3g}, "
+            return (f"{what}: moved on one side only (largest change: {follower} {self.tf:.3g}, "
                     f"torch {self.torch:.3g})")
         return (f"{what}: change differs by {self.diff:.3g} (bound {self.bound:.3g} there; "
-                f"largest change tf {self.tf:.3g}, torch {self.torch:.3g})")
+                f"largest change {follower} {self.tf:.3g}, torch {self.torch:.3g})")
 
 
 @dataclass
@@ -179,29 +180,29 @@ class LockstepRecord:
 # --------------------------------------------------------------------------- #
 # one step compared
 # --------------------------------------------------------------------------- #
-def _ulp(scale: float, eps: float) -> float:
+def ulp(scale: float, eps: float) -> float:
     """One unit in the last place at ``scale`` (``eps`` is the ulp of 1; at least the
     smallest normal's)."""
     return eps * 2.0 ** np.floor(np.log2(max(scale, np.finfo(np.float64).tiny)))
 
 
-def _loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
+def loss_check(name: str, tf: float, torch: float, b: StepBounds) -> Check:
     bound = b.loss_atol + b.loss_rtol * abs(torch)
     diff = abs(tf - torch)
     ratio = diff / bound if bound > 0 else (np.inf if diff > 0 else 0.0)
     return Check(name, "", diff, bound, ratio, tf, torch)
 
 
-def _tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,
+def tensor_check(check: str, key: str, start: np.ndarray, tf: np.ndarray, torch: np.ndarray,
                   rtol: float, b: StepBounds, of_value: bool = False, extra=0.0) -> Check:
     """``rtol`` of the largest change in the step, or (``of_value``) of the largest value,
     plus ``extra`` (elementwise, e.g. Adam's sensitivity to a gradient's rounding)."""
     d_tf, d_torch = tf - start, torch - start
     scale = float(max(np.abs(start).max(initial=0.0), np.abs(torch).max(initial=0.0)))
     change = float(np.abs(d_torch).max(initial=0.0))
-    bound = b.ulps * _ulp(scale, b.eps) + rtol * (scale if of_value else change) + extra
+    bound = b.ulps * ulp(scale, b.eps) + rtol * (scale if of_value else change) + extra
     diff = np.abs(d_tf - d_torch)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratios = np.where(diff > 0, diff / bound, 0.0)
     i = int(np.argmax(ratios)) if ratios.size else 0
     at = np.broadcast_to(bound, diff.shape).ravel()[i] if diff.size else 0.0
@@ -223,23 +224,28 @@ def _adam_sensitivity(key: str, start: TrainingState, after: TrainingState,
     """
     if after.optimizer != "adam" or key not in after.slots.get("exp_avg", {}):
         return 0.0
-    h = after.hyper
-    b1, b2, eps, lr = h["beta_1"], h["beta_2"], h["epsilon"], h["learning_rate"]
-    t = after.step
-    m_old = start.slots.get("exp_avg", {}).get(key, 0.0)
-    g = (after.slots["exp_avg"][key] - b1 * m_old) / (1 - b1)
+    return adam_rounding(start.slots.get("exp_avg", {}).get(key, 0.0),
+                         after.slots["exp_avg"][key], after.slots["exp_avg_sq"][key],
+                         after.step, after.hyper, rtol)
+
+
+def adam_rounding(m_old, m_new, v_new, step: int, hyper: dict, rtol: float):
+    """:func:`_adam_sensitivity` from the moments themselves: before (``m_old``) and after
+    the step (``m_new``, ``v_new``), the step count after it and Adam's hyperparameters."""
+    b1, b2, eps, lr = hyper["beta_1"], hyper["beta_2"], hyper["epsilon"], hyper["learning_rate"]
+    g = (m_new - b1 * m_old) / (1 - b1)
     dg = rtol * float(np.abs(g).max(initial=0.0))
-    v_hat = after.slots["exp_avg_sq"][key] / (1 - b2 ** t)
-    return 2.0 * lr / (1 - b1 ** t) * (1 - b1) * dg / (np.sqrt(v_hat) + eps)
+    v_hat = v_new / (1 - b2 ** step)
+    return 2.0 * lr / (1 - b1 ** step) * (1 - b1) * dg / (np.sqrt(v_hat) + eps)
 
 
-def _moved_check(key: str, start, tf, torch, b: StepBounds, rtol: float) -> Check | None:
+def moved_check(key: str, start, tf, torch, b: StepBounds, rtol: float) -> Check | None:
     moved_tf, moved_torch = not np.array_equal(tf, start), not np.array_equal(torch, start)
     if moved_tf == moved_torch:
         return None
-    c = _tensor_check("moved", key, start, tf, torch, rtol, b)
+    c = tensor_check("moved", key, start, tf, torch, rtol, b)
     # a change within the bound on the side that moved is rounding of a zero update
-    if max(c.tf, c.torch) <= b.ulps * _ulp(float(np.abs(start).max(initial=0.0)), b.eps):
+    if max(c.tf, c.torch) <= b.ulps * ulp(float(np.abs(start).max(initial=0.0)), b.eps):
         return None
     return Check("moved", key, c.diff, c.bound, np.inf, c.tf, c.torch)
 
@@ -262,8 +268,8 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
                  after: dict[str, TrainingState], strategy: str, b: StepBounds) -> list[Check]:
     """Every check of one step: ``losses[fw] = (train, eval)``, ``after[fw]`` the state."""
     tf, torch = after[FOLLOWER], after[REFERENCE]
-    checks = [_loss_check("train_loss", losses[FOLLOWER][0], losses[REFERENCE][0], b),
-              _loss_check("eval_loss", losses[FOLLOWER][1], losses[REFERENCE][1], b)]
+    checks = [loss_check("train_loss", losses[FOLLOWER][0], losses[REFERENCE][0], b),
+              loss_check("eval_loss", losses[FOLLOWER][1], losses[REFERENCE][1], b)]
     batchy = _batch_statistics_keys(strategy, start.tensors)
     stats = {f"{p}.{s}" for p in bn_prefixes(start.tensors) for s in ("running_mean", "running_var")}
     for key in sorted(start.tensors):
@@ -273,15 +279,15 @@ def compare_step(start: TrainingState, losses: dict[str, tuple[float, float]],
         else:
             rtol, of_value = (b.batch_stats_rtol if key in batchy else b.update_rtol), False
         extra = _adam_sensitivity(key, start, torch, rtol)
-        moved = _moved_check(key, *args, b, rtol)
-        checks.append(moved or _tensor_check("tensor", key, *args, rtol, b, of_value, extra))
+        moved = moved_check(key, *args, b, rtol)
+        checks.append(moved or tensor_check("tensor", key, *args, rtol, b, of_value, extra))
     for name in sorted(set(tf.slots) | set(torch.slots)):
         for key in sorted(set(tf.slots.get(name, {})) | set(torch.slots.get(name, {}))):
             values = [s.slots.get(name, {}).get(key) for s in (start, tf, torch)]
             zero = np.zeros_like(next(v for v in values if v is not None))
             begin, a, c = (zero if v is None else v for v in values)
             rtol = b.batch_stats_rtol if key in batchy else b.slot_rtol
-            checks.append(_tensor_check(f"slot:{name}", key, begin, a, c, rtol, b, True))
+            checks.append(tensor_check(f"slot:{name}", key, begin, a, c, rtol, b, True))
     return checks
 
 

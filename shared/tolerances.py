@@ -141,14 +141,22 @@ FLOAT64_RUN_ATOL = 1e-10
 # `full`, 3 SGD steps (tests/test_training_state.py).
 TRAINING_STATE_FLOAT64_VELOCITY_ULPS = 1
 
-# --- the port check's K training steps (shared/port.py): being replaced by lockstep --------
-# Per-step losses of the same run in both frameworks: forward rounding plus
-# its propagation through a few optimizer steps.
-STEP_LOSS_ATOL = 1e-5
-STEP_LOSS_RTOL = 1e-5
-FULL_FLOAT32_STEP_ATOL = 0.2
-FULL_FLOAT32_STEP_RTOL = 0.0
-PORT_ADAM_TENSOR_LR_STEPS = 2.0
+# --- the port check's K training steps (shared/port/steps.py) --------------------------------
+# Judged lockstep with the LOCKSTEP_* bounds above (one step from one state: torch's tensors
+# and optimizer slots loaded into the Keras model before each step), per BatchNorm pair with
+# its own batch x H x W for LOCKSTEP_STATS_SUM_C: nothing here grows with the steps. A
+# check outside its bound is judged again with ENVELOPE_MULTIPLE x torch's own float32
+# departure from the same step in float64 (the torch model cast in place).
+#
+# A deep pair (more than DEEP_PAIR_COUNT layers) trained on batch statistics: TensorFlow's
+# float32 BatchNorm backward over few values (batch 4 x 2 x 2 to 4 x 8 x 8 per channel in
+# the families' last stages at 64x64) rounds a parameter's one-step update far more than
+# tinyconv's: up to 22% of its largest change measured (MobileNetV2 Conv_1, ResNet50
+# conv4_block1_1_conv: 17%) with the report's fixes applied, where torch's own float32
+# stays within 1e-5 of float64. One float32 step resolves such updates no finer: 0.5 leaves
+# 2.3x, and still finds a 3x learning rate (a 200% difference) at the first step; a
+# sharper verdict there needs the Keras side in float64, which the port check does not build.
+PORT_DEEP_BATCH_STATS_UPDATE_RTOL = 0.5
 
 # --- the port check's pairing and lint (shared/port/) -------------------------------
 # Preprocessing inside a model, compared as the per-channel map x -> a * x + b its

@@ -28,6 +28,13 @@ from test_lockstep import SEEDED  # noqa: E402
 from shared.cli import main  # noqa: E402
 
 SEEDED_STEPS = "3"
+# the seeded port differences (tests/test_port_seeded.py): name -> port CLI arguments
+PAIRS = "tests.examples.port_pairs"
+SEEDED_PORTS = {
+    "port 3x learning rate under full": [f"{PAIRS}:tinyconv_full_keras",
+                                         f"{PAIRS}:tinyconv_full_torch_lr3x"],
+    "port Keras BN momentum 0.85": [f"{PAIRS}:bn_momentum_085_keras", f"{PAIRS}:good_torch"],
+}
 
 
 def _run(argv: list[str]) -> dict:
@@ -54,6 +61,15 @@ def run(out: Path) -> dict:
         summary["seeded"][name] = {"status": result["status"],
                                    "failed": [line for line in result["stdout"].splitlines()
                                               if line.startswith("FAILED:")]}
+    summary["ports"] = {}
+    for name, targets in SEEDED_PORTS.items():
+        result = _run(["port", *targets, "--transfer", "torch", "--steps", "2",
+                       "--json", str(out / f"{name.replace(' ', '_')}.json")])
+        report = json.loads((out / f"{name.replace(' ', '_')}.json").read_text()) \
+            if result["status"] in (0, 1) else {"findings": []}
+        summary["ports"][name] = {"status": result["status"],
+                                  "findings": [(f["code"], f["keras_layer"], f["message"])
+                                               for f in report["findings"]]}
     return summary
 
 

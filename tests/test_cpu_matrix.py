@@ -36,7 +36,8 @@ SETTINGS = {
         "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41", "TF_ENABLE_ONEDNN_OPTS": "0",
         "FREEZE_PARITY_TORCH_THREADS": "1"},
 }
-# a process runs the demo (about 1 minute of CPU here) and four short seeded compares
+# a process runs the demo (about 1 minute of CPU here), four short seeded compares and two
+# seeded port checks
 TIMEOUT_S = 900
 FRAMEWORK_LOG = re.compile(r"WARNING:tensorflow|^I0000|absl::|oneDNN custom operations|"
                            r"cpu_feature_guard")
@@ -91,3 +92,18 @@ def test_cpu_matrix_seeded_differences_fail_at_strategy_step_and_check(setting):
         first = result["failed"][0]
         assert first.startswith(f"FAILED: {strategy}: lockstep step "), (name, seeded, first)
         assert check in first and "differ in float64 too" in first, (name, seeded, first)
+
+
+@pytest.mark.slow
+def test_cpu_matrix_seeded_port_differences_exit_1_naming_layer_step_and_check(setting):
+    name, summary = setting
+    expected = {"port 3x learning rate under full": ("PORT_STEP_UPDATE", "update "),
+                "port Keras BN momentum 0.85": ("PORT_STATS_DIVERGE", "stats bn <-> bn ")}
+    for seeded, (code, check) in expected.items():
+        result = summary["ports"][seeded]
+        assert result["status"] == 1, f"{name}: {seeded}: exit {result['status']}"
+        found = [f for f in result["findings"] if f[0] == code]
+        assert found, f"{name}: {seeded}: {result['findings']}"
+        _, layer, message = found[0]
+        assert layer != "(model)" and f"at step 0, from the same state: {check}" in message, (
+            name, seeded, found[0])

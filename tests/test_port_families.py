@@ -45,7 +45,7 @@ HWC = (SIZE, SIZE, 3)
 # findings that follow from the others (the outputs, statistics and losses they change):
 # each must go when the lint findings are fixed
 CONSEQUENCES = ("PORT_DIVERGES_INFERENCE", "PORT_DIVERGES_TRAINING", "PORT_STATS_DIVERGE",
-                "PORT_STEP_LOSS")
+                "PORT_STEP_LOSS", "PORT_STEP_UPDATE")
 
 
 def _check(keras_model, torch_model):

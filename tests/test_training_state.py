@@ -359,7 +359,7 @@ def _assert_within(got: dict, want: dict, atol: float, rtol: float, what: str) -
 def _judged(state: TrainingState) -> list[tuple[str, dict]]:
     """What a step from the same state must reproduce: SGD's tensors and buffers; Adam's
     moments (its parameter step is lr x m / sqrt(v): where a gradient rounds to about 0,
-    its rounding decides a step of about lr, PORT_ADAM_TENSOR_LR_STEPS)."""
+    its rounding decides a step of about lr: shared.lockstep's Adam sensitivity)."""
     if state.optimizer == "sgd":
         return [("tensor", state.tensors), ("momentum_buffer", state.slots["momentum_buffer"])]
     return [(name, state.slots[name]) for name in ("exp_avg", "exp_avg_sq")]

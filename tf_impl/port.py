@@ -41,7 +41,7 @@ __all__ = [
     "describe",
     "input_shape",
     "read_tensors",
-    "train_steps",
+    "Stepper",
     "write_tensors",
 ]
 
@@ -552,29 +552,121 @@ def _loss(setup: dict, y, output):
     return keras.ops.mean(keras.ops.square(output))
 
 
-def train_steps(model, leaves: list[Leaf], batches, setup: dict, optimizer=None):
-    """K steps as ``fit`` runs them: ``model(x, training=True)``, gradients for
-    ``model.trainable_variables``, the optimizer (``optimizer`` or a new SGD/Adam) applies
-    them. Per step ``(training-mode loss, inference-mode loss)`` at the pre-update weights,
-    and each leaf's tensors after the last step. Dropout is off; variables are restored.
+def _optimizer_kind(optimizer) -> str | None:
+    if isinstance(optimizer, keras.optimizers.SGD):
+        return "sgd"
+    if isinstance(optimizer, keras.optimizers.Adam | keras.optimizers.AdamW) and not getattr(
+            optimizer, "amsgrad", False):
+        return "adam"
+    return None
+
+
+def _hyper(optimizer, kind: str | None) -> dict:
+    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    decay = float(optimizer.weight_decay or 0.0)
+    if kind == "sgd":
+        return {"learning_rate": lr, "momentum": float(optimizer.momentum), "dampening": 0.0,
+                "nesterov": bool(optimizer.nesterov), "weight_decay": decay}
+    if kind == "adam":
+        return {"learning_rate": lr, "beta_1": float(optimizer.beta_1),
+                "beta_2": float(optimizer.beta_2), "epsilon": float(optimizer.epsilon),
+                "weight_decay": decay, "decoupled_weight_decay": True}
+    return {}
+
+
+class Stepper:
+    """One training step at a time, as ``fit`` runs it: ``model(x, training=True)``,
+    gradients for ``model.trainable_variables``, the optimizer (``optimizer`` or a new
+    SGD/Adam) applies them, with every Dropout called with ``training=False``.
+
+    A context manager: on exit every variable of the model is restored (an optimizer
+    passed in keeps the state its steps gave it). ``state()`` reads, ``load()`` sets the
+    leaves' canonical tensors and the optimizer's slots in torch's names and conventions
+    (Keras SGD's velocity v is -lr x torch's momentum buffer; Adam's momentums and
+    velocities are torch's ``exp_avg`` and ``exp_avg_sq``) and ``iterations``.
     """
-    optimizer = optimizer or _optimizer(setup)
-    dropouts = [layer for _, layer in _leaf_layers(model) if _is_dropout(layer)]
-    variables = model.trainable_variables
 
-    def step(x, y):  # eager: for 5 ResNet-18 steps, tracing a tf.function costs more
+    def __init__(self, model, leaves: list[Leaf], setup: dict, optimizer=None):
+        self.model, self.leaves, self.setup = model, leaves, setup
+        self._given = optimizer
+        self._contexts = contextlib.ExitStack()
 
-        evaluation = _loss(setup, y, model(x, training=False))
+    def __enter__(self) -> Stepper:
+        dropouts = [layer for _, layer in _leaf_layers(self.model) if _is_dropout(layer)]
+        self._contexts.enter_context(_variables_kept(self.model))
+        self._contexts.enter_context(_spied(dropouts, lambda *a: None, dropout_off=True))
+        self.optimizer = self._given or _optimizer(self.setup)
+        self.kind = _optimizer_kind(self.optimizer)
+        self.hyper = _hyper(self.optimizer, self.kind)
+        if not self.optimizer.built:
+            self.optimizer.build(self.model.trainable_variables)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._contexts.__exit__(*exc)
+
+    def _slot_lists(self) -> dict[str, list]:
+        if self.kind == "sgd":
+            return {"momentum_buffer": self.optimizer.momentums} if self.optimizer.momentum else {}
+        if self.kind == "adam":
+            return {"exp_avg": self.optimizer._momentums,
+                    "exp_avg_sq": self.optimizer._velocities}
+        return {}
+
+    def _slotted(self) -> Iterator[tuple[Leaf, str, object, str, int]]:
+        """(leaf, key, variable, layout kind, optimizer index) of every leaf variable the
+        optimizer updates."""
+        for leaf in self.leaves:
+            for key, (var, kind) in _variables(leaf).items():
+                try:
+                    index = self.optimizer._get_variable_index(var)
+                except (KeyError, ValueError):
+                    continue  # frozen, or a BatchNorm statistic
+                yield leaf, key, var, kind, index
+
+    def _scale(self, name: str) -> float:
+        # SGD: v = -lr x b
+        return -self.hyper["learning_rate"] if name == "momentum_buffer" else 1.0
+
+    def state(self) -> dict:
+        """``{"tensors": {leaf: {key: array}}, "slots": {slot: {leaf: {key: array}}},
+        "step": int}``, canonical float32."""
+        lists = self._slot_lists()
+        slots: dict[str, dict] = {name: {} for name in lists}
+        for leaf, key, _, kind, index in self._slotted():
+            flatten_from = leaf.params.get("flatten_from") if key == "weight" else None
+            for name, variables in lists.items():
+                value = np.asarray(_numpy(variables[index]), np.float64) / self._scale(name)
+                slots[name].setdefault(leaf.name, {})[key] = to_canonical(
+                    value.astype(np.float32), kind, flatten_from)
+        return {"tensors": read_tensors(self.model, self.leaves), "slots": slots,
+                "step": int(_numpy(self.optimizer.iterations))}
+
+    def load(self, state: dict) -> None:
+        """Set the tensors and slots ``state`` holds (a slot it lacks: zeros, Keras's start)."""
+        write_tensors(self.model, self.leaves, state["tensors"])
+        for leaf, key, var, kind, index in self._slotted():
+            flatten_from = leaf.params.get("flatten_from") if key == "weight" else None
+            for name, variables in self._slot_lists().items():
+                value = state["slots"].get(name, {}).get(leaf.name, {}).get(key)
+                slot = variables[index]
+                if value is None:
+                    slot.assign(np.zeros(slot.shape, slot.dtype))
+                    continue
+                value = from_canonical(value, kind, tuple(var.shape), flatten_from)
+                slot.assign((np.asarray(value, np.float64) * self._scale(name)).astype(
+                    slot.dtype))
+        self.optimizer.iterations.assign(state["step"])
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """One step on the batch (eager: for a few ResNet-18 steps, tracing a tf.function
+        costs more); (training-mode loss, inference-mode loss) at the pre-update weights."""
+        model, variables = self.model, self.model.trainable_variables
+        x = activation_from_canonical(x)
+        evaluation = _loss(self.setup, y, model(x, training=False))
         with tf.GradientTape() as tape:
-            loss = _loss(setup, y, model(x, training=True))
+            loss = _loss(self.setup, y, model(x, training=True))
         grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
-        return loss, evaluation
-
-    losses = []
-    with _spied(dropouts, lambda *a: None, dropout_off=True), _variables_kept(model):
-        for x, y in batches:
-            loss, evaluation = step(activation_from_canonical(x), y)
-            losses.append((float(loss), float(evaluation)))
-        after = read_tensors(model, leaves)
-    return losses, after
+        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables)
+                                        if g is not None])
+        return float(loss), float(evaluation)

@@ -40,7 +40,7 @@ __all__ = [
     "describe",
     "input_shape",
     "read_tensors",
-    "train_steps",
+    "Stepper",
     "write_tensors",
 ]
 
@@ -482,11 +482,12 @@ def _variables(leaf: Leaf) -> dict[str, tuple[torch.Tensor, str]]:
                 if k == "weight" else "vector") for k in keys}
 
 
-def read_tensors(model: nn.Module, leaves: list[Leaf]) -> dict[str, dict[str, np.ndarray]]:
-    """Canonical float32 tensors of each leaf."""
+def read_tensors(model: nn.Module, leaves: list[Leaf],
+                 dtype=np.float32) -> dict[str, dict[str, np.ndarray]]:
+    """Canonical tensors of each leaf (float32 unless told)."""
     out = {}
     for leaf in leaves:
-        out[leaf.name] = {key: to_canonical(t.detach().cpu().numpy().astype(np.float32), kind)
+        out[leaf.name] = {key: to_canonical(t.detach().cpu().numpy().astype(dtype), kind)
                           for key, (t, kind) in _variables(leaf).items()}
     return out
 
@@ -538,26 +539,128 @@ def _loss(setup: dict, y, output):
     return output.square().mean()
 
 
-def train_steps(model: nn.Module, leaves: list[Leaf], batches, setup: dict, optimizer=None):
-    """K steps as a loop runs them: ``model.train()``, forward, backward, ``optimizer.step()``
-    (``optimizer`` or a new SGD/Adam over the ``requires_grad`` parameters). Per step
-    ``(training-mode loss, inference-mode loss)`` at the pre-update weights, and each
-    leaf's tensors after the last step. Dropout is off; everything is restored.
+# optimizer slots in torch's names (the canonical ones, shared/training_state.py)
+_SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
+
+
+def _optimizer_kind(optimizer) -> str | None:
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam"
+    return None
+
+
+def _hyper(optimizer, kind: str | None) -> dict:
+    group = optimizer.param_groups[0]
+    if kind == "sgd":
+        return {"learning_rate": float(group["lr"]), "momentum": float(group["momentum"]),
+                "dampening": float(group["dampening"]), "nesterov": bool(group["nesterov"]),
+                "weight_decay": float(group["weight_decay"])}
+    if kind == "adam":
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
+        return {"learning_rate": float(group["lr"]), "beta_1": float(group["betas"][0]),
+                "beta_2": float(group["betas"][1]), "epsilon": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]),
+                "decoupled_weight_decay": bool(decoupled)}
+    return {}
+
+
+class Stepper:
+    """One training step at a time, as a loop runs it: ``model.train()`` (a ``train()``
+    override counts), forward, backward, ``optimizer.step()`` (``optimizer`` or a new
+    SGD/Adam over the ``requires_grad`` parameters), with every Dropout in eval mode.
+
+    A context manager: on exit every parameter, buffer, mode and the random state are
+    restored (an optimizer passed in keeps the state its steps gave it). ``state()``
+    reads, ``load()`` sets the leaves' canonical tensors and the optimizer's slots
+    (torch's own names: ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``) and step count.
     """
-    losses = []
-    with _state_kept(model):
-        optimizer = optimizer or _optimizer(setup, model)
-        for x, y in batches:
-            xt, yt = _tensor(x, model), torch.from_numpy(y)
-            model.eval()
-            with torch.no_grad():
-                evaluation = float(_loss(setup, yt, model(xt)))
-            model.train()
-            _dropout_off(model)
-            loss = _loss(setup, yt, model(xt))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append((float(loss.detach()), evaluation))
-        after = read_tensors(model, leaves)
-    return losses, after
+
+    def __init__(self, model: nn.Module, leaves: list[Leaf], setup: dict, optimizer=None):
+        self.model, self.leaves, self.setup = model, leaves, setup
+        self._given = optimizer
+        self._kept = None
+
+    def __enter__(self) -> Stepper:
+        self._kept = _state_kept(self.model)
+        self._kept.__enter__()
+        self.optimizer = self._given or _optimizer(self.setup, self.model)
+        self.kind = _optimizer_kind(self.optimizer)
+        self.hyper = _hyper(self.optimizer, self.kind)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._kept.__exit__(*exc)
+
+    def _slotted(self) -> Iterator[tuple[str, str, torch.Tensor, str]]:
+        """(leaf, key, tensor, layout kind) of every leaf tensor the optimizer updates."""
+        updated = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for leaf in self.leaves:
+            for key, (t, kind) in _variables(leaf).items():
+                if id(t) in updated:
+                    yield leaf.name, key, t, kind
+
+    def state(self, dtype=np.float32) -> dict:
+        """``{"tensors": {leaf: {key: array}}, "slots": {slot: {leaf: {key: array}}},
+        "step": int}``, canonical, float32 unless told."""
+        slots: dict[str, dict] = {name: {} for name in _SLOTS.get(self.kind, ())}
+        steps = set()
+        for leaf, key, t, kind in self._slotted():
+            held = self.optimizer.state.get(t, {})
+            for name in slots:
+                if held.get(name) is not None:
+                    value = held[name].detach().cpu().numpy().astype(dtype)
+                    slots[name].setdefault(leaf, {})[key] = to_canonical(value, kind)
+            if "step" in held:
+                steps.add(int(float(held["step"])))
+        return {"tensors": read_tensors(self.model, self.leaves, dtype), "slots": slots,
+                "step": max(steps, default=0)}
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:
+        """Set the tensors and slots ``state`` holds (a slot it lacks: none yet)."""
+        write_tensors(self.model, self.leaves, state["tensors"])
+        for leaf, key, t, kind in self._slotted():
+            held = {name: values[leaf][key] for name, values in state["slots"].items()
+                    if key in values.get(leaf, {})}
+            if not held:
+                self.optimizer.state.pop(t, None)
+                continue
+            new = {name: torch.from_numpy(from_canonical(value, kind, tuple(t.shape))).to(t.dtype)
+                   for name, value in held.items()}
+            if self.kind == "adam":
+                new["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            self.optimizer.state[t] = new
+
+    def float64_step(self, state: dict, x: np.ndarray, y: np.ndarray):
+        """The step from ``state`` in float64 (the model cast in place and back):
+        ((losses), the float64 state after it); the model is left holding ``state``'s
+        step no more: load a state afterwards. What one float32 step's rounding is, here."""
+        self.model.double()
+        try:
+            self.load(state)
+            losses = self.step(x, y)
+            return losses, self.state(np.float64)
+        finally:
+            self.model.float()
+            for held in self.optimizer.state.values():
+                for name, value in held.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and name != "step":
+                        held[name] = value.float()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """One step on the batch; (training-mode loss, inference-mode loss) at the
+        pre-update weights."""
+        model = self.model
+        xt, yt = _tensor(x, model), torch.from_numpy(y)
+        model.eval()
+        with torch.no_grad():
+            evaluation = float(_loss(self.setup, yt, model(xt)))
+        model.train()
+        _dropout_off(model)
+        loss = _loss(self.setup, yt, model(xt))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), evaluation

@@ -179,7 +179,8 @@ def run(args) -> int:
             if res.dtype == "float32" and any(fw == "tf" and key.removesuffix(
                     distributed.SYNC_SUFFIX) == res.strategy for fw, key in replicated):
                 envelopes["tf", res.strategy] = envelope_of("tf", configs[res.strategy], res.tf)
-        report.replicas = distributed.replica_section(singles, replicated, envelopes)
+        report.replicas = distributed.replica_section(singles, replicated, envelopes,
+                                                      float64=True)
         report.failures += report.replicas["failures"]
         report.settings["replicas"] = args.replicas
     paths = write_reports(report, out)
@@ -214,10 +215,12 @@ def _replica_table(section: dict):
 
     from shared.distributed import REPLICA_COLUMNS, replica_cells
 
+    caption = "\n".join([section["notes"], *(f"numerics: {line}"
+                                              for line in section.get("numerics", []))])
     table = Table(title="one process vs data parallel (same global batch)", box=box.SQUARE,
-                  title_justify="left", caption=section["notes"], caption_justify="left")
+                  title_justify="left", caption=caption, caption_justify="left")
     for _, title, fmt in REPLICA_COLUMNS:
         table.add_column(title, justify="left" if fmt is None else "right", no_wrap=True)
     for row, cells in zip(section["rows"], replica_cells(section)):
-        table.add_row(*cells, style=None if row["verdict"] == "ok" else "bold red")
+        table.add_row(*cells, style="bold red" if row["verdict"].startswith("FAIL") else None)
     return table

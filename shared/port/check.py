@@ -130,7 +130,9 @@ def check_port(keras_model, torch_model, *, input_shape=None, steps: int = 3,
             kp, tp, keras_model, torch_model, pairs, tensors, chw, steps=steps,
             optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
             names=names, keras_optimizer=keras_optimizer, torch_optimizer=torch_optimizer,
-            guarded=_guarded)
+            guarded=_guarded, training_judged=cutoff is None,
+            forward_rtol=tolerance.get("scale_rtol", {}).get("training", rtol),
+            deep="scale_rtol" in tolerance)
         findings += step_findings
         tolerance["steps"] = step_tol
         notes += step_notes

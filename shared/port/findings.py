@@ -51,9 +51,6 @@ FINDINGS: dict[str, FindingKind] = {
         "put the stride on the same convolution on both sides (torch: the block's "
         "conv1.stride and conv2.stride; Keras: strides= of the two Conv2D layers)"),
     "PORT_CONV_DILATION": FindingKind("convolution dilation differs", "use the same dilation"),
-    "PORT_CONV_GROUPS": FindingKind(
-        "convolution groups differ (a Keras DepthwiseConv2D is torch groups=channels)",
-        "use the same groups (DepthwiseConv2D <-> Conv2d(groups=in_channels))"),
     "PORT_CONV_BIAS": FindingKind(
         "one convolution has a bias and the other has none",
         "use use_bias / bias the same way on both sides"),
@@ -117,8 +114,24 @@ FINDINGS: dict[str, FindingKind] = {
         "(override train()), Keras trainable and training=False from a wrapper layer or a "
         "subclassed model (a functional graph ignores training=False under fit)"),
     "PORT_STATS_DIVERGE": FindingKind(
-        "after the training steps, this tensor moved on both sides but by different amounts",
-        "check momentum and learning-rate settings of the pair (lint findings name them)"),
+        "in one training step from the same state, this BatchNorm statistic moved on both "
+        "sides but by different amounts",
+        "check the pair's BatchNorm momentum (Keras momentum = 1 - torch momentum) and "
+        "whether both normalise with batch statistics in training (lint findings name them)"),
+    "PORT_STEP_UPDATE": FindingKind(
+        "in one training step from the same state (tensors and optimizer slots), this "
+        "parameter's update or optimizer slot differs beyond the step's rounding",
+        "give both sides the same optimizer (kind, learning rate, momentum, betas, epsilon, "
+        "weight decay) and the same loss; PORT_OPTIMIZER_SETTINGS names a setting that differs"),
+    "PORT_OPTIMIZER_KIND": FindingKind(
+        "the optimizers are of different kinds, or one has no state the check can carry to "
+        "the other side (SGD, Adam and AdamW on both sides can be checked)",
+        "use the same optimizer on both sides (keras.optimizers.SGD <-> torch.optim.SGD, "
+        "Adam <-> Adam, AdamW <-> AdamW)"),
+    "PORT_OPTIMIZER_SETTINGS": FindingKind(
+        "an optimizer setting differs between the two sides",
+        "pass the same value on both sides (Keras learning_rate <-> torch lr, beta_1/beta_2 "
+        "<-> betas, epsilon <-> eps; Keras weight_decay is decoupled: torch AdamW)"),
     "PORT_BN_VARIANCE_CONVENTION": FindingKind(
         "BatchNorm updated its running variance on both sides in the steps: torch with the "
         "unbiased batch variance (times N/(N-1)), Keras with the biased one",
@@ -126,7 +139,8 @@ FINDINGS: dict[str, FindingKind] = {
         "updates with the unbiased variance (tf_impl.model.TorchVarianceBatchNormalization) "
         "or accept it (it shrinks as 1/N)"),
     "PORT_STEP_LOSS": FindingKind(
-        "per-step training-mode or inference-mode losses differ beyond the tolerance",
+        "in one training step from the same state, the training-mode or inference-mode loss "
+        "differs beyond one forward pass's rounding",
         "the first divergent layer and the freezing findings say why"),
 }
 

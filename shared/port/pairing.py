@@ -33,7 +33,10 @@ def compatible(k: Leaf, t: Leaf) -> str:
         return f"kind {k.kind} vs {t.kind}"
     for key in ("weight", "bias"):
         if key in k.shapes and key in t.shapes and tuple(k.shapes[key]) != tuple(t.shapes[key]):
-            return f"{key} shape {tuple(k.shapes[key])} vs {tuple(t.shapes[key])}"
+            groups = (k.params.get("groups"), t.params.get("groups"))
+            why = (f" (groups {groups[0]} vs {groups[1]}: a Keras DepthwiseConv2D is torch "
+                   f"groups=in_channels)" if k.kind == "conv" and groups[0] != groups[1] else "")
+            return f"{key} shape {tuple(k.shapes[key])} vs {tuple(t.shapes[key])}{why}"
     if (k.kind in ("bn", "layernorm", "scale")
             and k.params.get("features") != t.params.get("features")):
         return f"features {k.params.get('features')} vs {t.params.get('features')}"

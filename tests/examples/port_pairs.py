@@ -30,7 +30,7 @@ def _torch():
     return torch
 
 
-def _keras_net(*, conv=None, bn=None, dropout=0.0, flatten=False, name="net"):
+def _keras_net(*, conv=None, bn=None, dropout=0.0, flatten=False, fc=None, name="net"):
     """conv -> bn -> relu -> [flatten | global average pool] -> [dropout] -> fc (functional)."""
     keras = _keras()
     inputs = keras.Input((SIZE, SIZE, 3))
@@ -44,25 +44,27 @@ def _keras_net(*, conv=None, bn=None, dropout=0.0, flatten=False, name="net"):
         keras.layers.GlobalAveragePooling2D(name="pool")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(CLASSES, name="fc")(x)
+    outputs = keras.layers.Dense(CLASSES, name="fc", **(fc or {}))(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 def _torch_net(*, stride=1, padding=0, bias=False, eps=1e-5, momentum=0.1, dropout=0.0,
-               flatten=False):
+               flatten=False, dilation=1, track_running_stats=True, fc_bias=True):
     torch = _torch()
     nn = torch.nn
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, stride=stride, padding=padding, bias=bias)
-            self.bn = nn.BatchNorm2d(8, eps=eps, momentum=momentum)
+            self.conv = nn.Conv2d(3, 8, 3, stride=stride, padding=padding, bias=bias,
+                                  dilation=dilation)
+            self.bn = nn.BatchNorm2d(8, eps=eps, momentum=momentum,
+                                     track_running_stats=track_running_stats)
             self.relu = nn.ReLU()
-            out = (SIZE + 2 * padding - 3) // stride + 1
+            out = (SIZE + 2 * padding - 2 * dilation - 1) // stride + 1
             self.flatten = nn.Flatten() if flatten else None
             self.dropout = nn.Dropout(dropout) if dropout else None
-            self.fc = nn.Linear(8 * out * out if flatten else 8, CLASSES)
+            self.fc = nn.Linear(8 * out * out if flatten else 8, CLASSES, bias=fc_bias)
 
         def forward(self, x):
             x = self.relu(self.bn(self.conv(x)))
@@ -561,3 +563,198 @@ def untraceable_keras():
     model = Model()
     model(keras.ops.zeros((1, SIZE, SIZE, 3)))
     return model
+
+
+# --- one difference each, for every finding code (tests/test_port_seeded.py) ----------------
+def bn_momentum_085_keras():
+    """Keras BatchNormalization momentum 0.85 against torch's 0.1 (Keras 0.9 would match):
+    the moving statistics keep 85% of the old value, torch 90%."""
+    return _keras_net(bn={"momentum": 0.85})
+
+
+def bn_no_running_stats_torch():
+    """torch BatchNorm2d(track_running_stats=False): batch statistics even in eval mode."""
+    return _torch_net(track_running_stats=False)
+
+
+def bn_no_center_keras():
+    """Keras BatchNormalization(center=False): no beta, where torch's affine BN has a bias."""
+    return _keras_net(bn={"center": False})
+
+
+def conv_stride2_keras():
+    """Conv2D strides=2 where the torch conv has stride 1."""
+    return _keras_net(conv={"strides": 2})
+
+
+def conv_dilation2_keras():
+    """Conv2D dilation_rate=2 where the torch conv has dilation 1."""
+    return _keras_net(conv={"dilation_rate": 2})
+
+
+def dense_no_bias_keras():
+    """Dense(use_bias=False) where torch's Linear has a bias."""
+    return _keras_net(fc={"use_bias": False})
+
+
+def depthwise_as_dense_conv_torch():
+    """The depthwise pair's torch side with groups=1 (a full convolution) where Keras has a
+    DepthwiseConv2D."""
+    torch = _torch()
+    nn = torch.nn
+    model = depthwise_torch()
+    model.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=1, bias=False)
+    return model
+
+
+def _ln_keras(epsilon: float):
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(8, name="hidden")(x)
+    x = keras.layers.LayerNormalization(epsilon=epsilon, name="ln")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x), name="ln_net")
+
+
+def ln_keras():
+    """conv -> pool -> dense -> LayerNormalization(epsilon=1e-5) -> fc."""
+    return _ln_keras(1e-5)
+
+
+def ln_default_epsilon_keras():
+    """The same with Keras's default LayerNormalization epsilon, 1e-3 (torch: 1e-5)."""
+    return _ln_keras(1e-3)
+
+
+def ln_torch():
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.hidden = nn.Linear(8, 8)
+            self.ln = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.ln(self.hidden(self.conv(x).mean(dim=(2, 3)))))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def keras_sgd(learning_rate: float = 0.01, **kwargs):
+    return _keras().optimizers.SGD(learning_rate=learning_rate, **kwargs)
+
+
+def good_keras_sgd():
+    """The good pair's Keras side with its own SGD (lr 0.01)."""
+    return good_keras(), keras_sgd(0.01)
+
+
+def good_torch_sgd_lr3x():
+    """The good pair's torch side with an SGD at 3x the Keras learning rate (0.03)."""
+    torch = _torch()
+    model = good_torch()
+    return model, torch.optim.SGD(model.parameters(), lr=0.03)
+
+
+def good_torch_adam():
+    """The good pair's torch side with Adam where the Keras side has SGD."""
+    torch = _torch()
+    model = good_torch()
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _tinyconv_full(framework: str, learning_rate: float):
+    """The project's tinyconv under ``full`` (every tensor trains, BN on batch statistics),
+    with the framework's plain SGD at ``learning_rate``."""
+    torch = _torch()
+    from shared.frameworks import load
+
+    torch.manual_seed(0)
+    model_mod, freeze = load(framework, "model"), load(framework, "freeze")
+    if framework == "tf":
+        from tf_impl.train import norm_layer_for
+
+        model = freeze.apply_strategy(model_mod.build_model(
+            "tinyconv", 5, norm_layer=norm_layer_for("tinyconv", "full")), "full")
+        return model, keras_sgd(learning_rate)
+    model = freeze.apply_strategy(model_mod.build_model("tinyconv", 5), "full")
+    return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                  lr=learning_rate)
+
+
+def tinyconv_full_keras():
+    """tinyconv ``full``, Keras SGD lr 0.01."""
+    return _tinyconv_full("tf", 0.01)
+
+
+def tinyconv_full_torch():
+    """tinyconv ``full``, torch SGD lr 0.01 (the matched port)."""
+    return _tinyconv_full("torch", 0.01)
+
+
+def tinyconv_full_torch_lr3x():
+    """tinyconv ``full``, torch SGD lr 0.03: a 3x learning rate."""
+    return _tinyconv_full("torch", 0.03)
+
+
+def same_padding_stride1_keras():
+    """Conv2D padding='same' at stride 1 (pads 1 on every side) where torch pads 0."""
+    return _keras_net(conv={"padding": "same"})
+
+
+def relu6_keras():
+    """ReLU(max_value=6) where torch's model has a plain ReLU."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")(x)
+    x = keras.layers.ReLU(max_value=6.0, name="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x), name="relu6_net")
+
+
+def stride_on_1x1_keras():
+    """A downsampling pair of convolutions with the stride on the first 1x1 (Keras
+    ResNet50, v1)."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 1, strides=2, use_bias=False, name="reduce")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="reduce_bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.ZeroPadding2D(1, name="pad")(x)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv3")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x), name="v1")
+
+
+def stride_on_3x3_torch():
+    """The same pair with the stride on the 3x3 (torchvision's resnet50, v1.5)."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.reduce = nn.Conv2d(3, 8, 1, bias=False)
+            self.reduce_bn = nn.BatchNorm2d(8)
+            self.conv3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = self.conv3(torch.relu(self.reduce_bn(self.reduce(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def imagenet_normalize_torch_none():
+    """The ImageNet pair's torch side without its Normalize: the Keras model normalises
+    inside, the torch model does not."""
+    return imagenet_normalize_torch(False)
