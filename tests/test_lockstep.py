@@ -137,7 +137,7 @@ def test_adam_sensitivity_follows_one_over_sqrt_v():
     dg = 1e-4 * 1.0
     v_hat = 2.0 ** -10 * g * g / (1 - (1 - 2.0 ** -10))
     expected = 2 * 0.001 / (1 - 0.875) * (1 - 0.875) * dg / (np.sqrt(v_hat) + 1e-16)
-    assert np.allclose(got, expected, rtol=1e-12, atol=0)
+    assert np.max(np.abs(got / expected - 1)) <= tolerances.FLOAT64_NOISE  # one formula, twice
     assert got[1] > 1e8 * got[0]
 
 

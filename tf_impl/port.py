@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -34,6 +35,9 @@ from tf_impl.weights import (
     from_canonical,
     to_canonical,
 )
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated
+    from typing import Self
 
 __all__ = [
     "capture",
@@ -591,7 +595,7 @@ class Stepper:
         self._given = optimizer
         self._contexts = contextlib.ExitStack()
 
-    def __enter__(self) -> Stepper:
+    def __enter__(self) -> Self:
         dropouts = [layer for _, layer in _leaf_layers(self.model) if _is_dropout(layer)]
         self._contexts.enter_context(_variables_kept(self.model))
         self._contexts.enter_context(_spied(dropouts, lambda *a: None, dropout_off=True))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from torch_impl.weights import (
     from_canonical,
     to_canonical,
 )
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated
+    from typing import Self
 
 __all__ = [
     "capture",
@@ -582,7 +586,7 @@ class Stepper:
         self._given = optimizer
         self._kept = None
 
-    def __enter__(self) -> Stepper:
+    def __enter__(self) -> Self:
         self._kept = _state_kept(self.model)
         self._kept.__enter__()
         self.optimizer = self._given or _optimizer(self.setup, self.model)
@@ -608,10 +612,10 @@ class Stepper:
         steps = set()
         for leaf, key, t, kind in self._slotted():
             held = self.optimizer.state.get(t, {})
-            for name in slots:
+            for name, values in slots.items():
                 if held.get(name) is not None:
                     value = held[name].detach().cpu().numpy().astype(dtype)
-                    slots[name].setdefault(leaf, {})[key] = to_canonical(value, kind)
+                    values.setdefault(leaf, {})[key] = to_canonical(value, kind)
             if "step" in held:
                 steps.add(int(float(held["step"])))
         return {"tensors": read_tensors(self.model, self.leaves, dtype), "slots": slots,

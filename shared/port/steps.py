@@ -79,10 +79,10 @@ def run_steps(kp, tp, keras_model, torch_model, pairs: Sequence[Pair], tensors, 
     bounds = _bounds_dict()
     which = (f"{optimizer} (lr {learning_rate:g})" if keras_optimizer is None
              and torch_optimizer is None else "the given optimizers")
-    notes = [f"{steps} steps of {which}, lockstep: "
-             f"before each, torch's tensors and optimizer slots are loaded into the Keras "
-             f"model through the pairing; one-step bounds (LOCKSTEP), seeded batches of "
-             f"{batch_size}, dropout off on both sides; {setup['loss']} loss"]
+    notes = [(f"{steps} steps of {which}, lockstep: "
+              f"before each, torch's tensors and optimizer slots are loaded into the Keras "
+              f"model through the pairing; one-step bounds (LOCKSTEP), seeded batches of "
+              f"{batch_size}, dropout off on both sides; {setup['loss']} loss")]
     with guarded(names[0], "the training steps", kp.Stepper, keras_model,
                  [p.keras for p in pairs], setup, keras_optimizer) as ks, \
             guarded(names[1], "the training steps", tp.Stepper, torch_model,
