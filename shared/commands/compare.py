@@ -144,7 +144,9 @@ def run(args) -> int:
     for fw in ("torch", "tf"):  # torch first
         frameworks.load(fw, "train")
     with _progress(args.quiet) as progress:
-        task = progress.add_task("starting", total=len(configs))
+        # each strategy twice: its Keras free run and lockstep, then (all stepped) its
+        # envelope and float64 runs and verdict
+        task = progress.add_task("starting", total=2 * len(configs))
         done: list[str] = []
 
         def note(name: str, what: str) -> None:
@@ -154,7 +156,7 @@ def run(args) -> int:
             progress.update(task, description=f"{name}: {what}")
 
         results = run_matrix(configs, note=note)
-        progress.update(task, completed=len(configs), description="done")
+        progress.update(task, completed=2 * len(configs), description="done")
     first = next(iter(configs.values()))
     settings = {"arch": first.arch, "optimizer": first.optimizer,
                 "learning_rate": first.learning_rate, "momentum": first.momentum,
