@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
-import os
 import tempfile
 from pathlib import Path
 
@@ -110,7 +110,6 @@ class TorchWorker:
 def main(argv: list[str] | None = None) -> int:
     """The worker: read jobs from stdin, write records to ``argv[0]``, job ids to stdout."""
     from shared import frameworks
-
     from shared.lockstep import reference_run
 
     out = Path((argv if argv is not None else sys.argv[1:])[0])
