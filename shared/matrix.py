@@ -257,6 +257,10 @@ def run_matrix(configs: dict[str, RunConfig],
     processes = workers() if processes is None else processes
     float32 = [c for c in configs.values() if c.dtype == "float32"]
     worker = TorchWorker() if processes and float32 else None
+    if worker is not None:
+        # this process's Keras work on one core, the worker's torch runs on the other (a
+        # no-op where TensorFlow has already started, e.g. after other runs in a test)
+        frameworks.load("tf", "train").limit_threads(1)
     notes = {name: (lambda what, n=name: note(n, what)) if note else (lambda what: None)
              for name in configs}
     try:
