@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ARCHS = ("tinyconv", "resnet18")
+ARCHS = ("tinyconv", "resnet18", "vit")
+# The archs the fine-tuning pipeline (pretrain, run, compare, bench, explain) takes. vit
+# builds, converts and agrees across frameworks (tests/test_vit.py); its freezing
+# strategies (no BatchNorm, dropout and drop-path instead) are a later part of issue 21.
+PIPELINE_ARCHS = ("tinyconv", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,66 @@ class ResNet18Config:
     feature_dim: int = 512
 
 
+@dataclass(frozen=True)
+class ViTConfig:
+    """A small Vision Transformer (timm's ``VisionTransformer``): class token, pre-norm blocks."""
+
+    # 32x32x3 images in 4x4 patches: an 8x8 grid of 64 patch tokens plus the class token.
+    image_size: int = 32
+    patch_size: int = 4
+    # embed_dim; the class token's final-LayerNorm output is the feature vector.
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    # hidden width of each block's MLP (timm's mlp_ratio = mlp_dim / width = 2)
+    mlp_dim: int = 128
+    # timm's ViT default. torch's nn.LayerNorm defaults to 1e-5 and Keras's
+    # LayerNormalization to 1e-3: either default would change the function.
+    layer_norm_epsilon: float = 1e-6
+    # GELU as timm's nn.GELU: exact (erf). Keras's gelu defaults to approximate=True (tanh).
+    gelu_approximate: bool = False
+    # Dropout on the attention probabilities (timm attn_drop_rate, Keras MHA dropout=).
+    attention_dropout: float = 0.1
+    # Dropout after the attention projection and after each MLP layer (timm proj_drop_rate).
+    dropout: float = 0.1
+    # Stochastic depth of the last block; block i drops its residual branches with
+    # drop_path * i / (depth - 1) (timm's linear decay rule). These three rates are what
+    # freezing a ViT is about: requires_grad or trainable=False switches none of them off.
+    drop_path: float = 0.1
+
+    @property
+    def feature_dim(self) -> int:
+        return self.width
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        if self.depth == 1:
+            return (0.0,)
+        return tuple(self.drop_path * i / (self.depth - 1) for i in range(self.depth))
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"ViTConfig: width {self.width} is not a multiple of heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+
+
 def arch_config(arch: str):
     if arch == "tinyconv":
         return TinyConvConfig()
     if arch == "resnet18":
         return ResNet18Config()
+    if arch == "vit":
+        return ViTConfig()
     raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(ARCHS)}")
 
 
@@ -68,6 +127,8 @@ def bn_reduction_sizes(arch: str, batch_size: int) -> dict[str, int]:
     (batch x height x width of that BatchNorm's input)."""
     config = arch_config(arch)
     size, out = config.image_size, {}
+    if isinstance(config, ViTConfig):
+        return out  # LayerNorm only: no batch statistics
     if isinstance(config, TinyConvConfig):
         for i, stride in enumerate(config.strides, start=1):
             size = _down(size, stride)
@@ -86,6 +147,14 @@ def bn_reduction_sizes(arch: str, batch_size: int) -> dict[str, int]:
             for bn in ("bn1", "bn2"):
                 out[f"base.layer{layer}.{block}.{bn}"] = batch_size * size * size
     return out
+
+
+def require_pipeline_arch(arch: str, where: str) -> None:
+    """Raise a one-line error when the fine-tuning pipeline does not take ``arch`` yet."""
+    if arch in ARCHS and arch not in PIPELINE_ARCHS:
+        raise ValueError(f"{where}: arch {arch!r} is not in the fine-tuning pipeline yet "
+                         f"(it takes {', '.join(PIPELINE_ARCHS)}); build it with "
+                         f"build_model({arch!r}, num_classes)")
 
 
 def keras_momentum(torch_momentum: float) -> float:

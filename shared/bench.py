@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from shared import frameworks
-from shared.archs import ARCHS
+from shared.archs import ARCHS, require_pipeline_arch
 
 __all__ = [
     "BENCH_VERSION",
@@ -155,6 +155,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"bench: unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
+        require_pipeline_arch(self.arch, "bench")
         if self.steps is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.arch])
         for name, minimum in (("repeats", 1), ("steps", 1), ("long_factor", 2), ("warmup", 0),

@@ -21,7 +21,9 @@ def init_tensor(key: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
         return np.zeros(shape, np.float32)
     if leaf == "running_var":
         return np.ones(shape, np.float32)
-    if leaf == "weight" and len(shape) == 1:  # BatchNorm gamma
+    if leaf in ("cls_token", "pos_embed"):  # ViT embeddings: timm's trunc_normal std 0.02, untruncated
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    if leaf == "weight" and len(shape) == 1:  # BatchNorm or LayerNorm gamma
         return np.ones(shape, np.float32)
     if leaf == "weight" and len(shape) == 4:  # conv (O, I, kh, kw): He-uniform for ReLU nets
         fan_in = shape[1] * shape[2] * shape[3]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared import frameworks
-from shared.archs import arch_config
+from shared.archs import arch_config, require_pipeline_arch
 from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared.io import ensure_writable_dir
 
@@ -56,6 +56,7 @@ class PretrainConfig:
     decay_factor: float = 0.1
 
     def __post_init__(self):
+        require_pipeline_arch(self.arch, "pretrain")
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS.get(self.arch, 8))
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shared.archs import ARCHS
+from shared.archs import ARCHS, require_pipeline_arch
 from shared.frameworks import check_framework
 from shared.strategies import get_strategy
 
@@ -81,6 +81,7 @@ class RunConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
+        require_pipeline_arch(self.arch, "run config")
         defaults = ARCH_DEFAULTS[self.arch]
         if self.steps is None:
             object.__setattr__(self, "steps", defaults["steps"])

@@ -79,11 +79,13 @@ def get_strategy(name: str) -> Strategy:
 
 def last_block(arch: str) -> str:
     """Canonical prefix of the base's last block (what ``partial`` unfreezes)."""
-    from shared.archs import TinyConvConfig, arch_config
+    from shared.archs import TinyConvConfig, ViTConfig, arch_config
 
     config = arch_config(arch)
     if isinstance(config, TinyConvConfig):
         return f"base.block{len(config.channels)}"
+    if isinstance(config, ViTConfig):
+        return f"base.blocks.{config.depth - 1}"
     return "base.layer4"
 
 

@@ -225,13 +225,19 @@ def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
 
 
 def _build(arch, config, num_classes, head_dropout, norm_layer, dtype) -> FineTuneModel:
-    norm_layer = norm_layer or default_norm_layer(config)
-    if arch == "tinyconv":
-        base = TinyConvBase(config, norm_layer, name="base")
+    if arch == "vit":
+        if norm_layer is not None:
+            raise ValueError("build_model: arch 'vit' has no BatchNorm to build with norm_layer "
+                             "(its LayerNorm epsilon is ViTConfig.layer_norm_epsilon)")
+        from tf_impl.vit import vit_base
+
+        base = vit_base(config)
+    elif arch == "tinyconv":
+        base = TinyConvBase(config, norm_layer or default_norm_layer(config), name="base")
     else:
         from tf_impl.resnet import resnet18_base
 
-        base = resnet18_base(config, norm_layer)
+        base = resnet18_base(config, norm_layer or default_norm_layer(config))
     model = FineTuneModel(base, Head(config.feature_dim, num_classes, head_dropout, name="head"),
                           arch, config.feature_dim, config.image_size)
     model(ops.zeros((1, config.image_size, config.image_size, 3), dtype=dtype))  # create variables

@@ -3,8 +3,17 @@
 Canonical layouts are torch's: a Keras Conv2D kernel (kh, kw, I, O) becomes
 (O, I, kh, kw); a Dense kernel (in, out) becomes (out, in); BatchNorm's
 gamma / beta / moving_mean / moving_variance become weight / bias /
-running_mean / running_var. Keys follow the model tree given by each
-container layer's ``named_children()`` (see ``tf_impl/model.py``).
+running_mean / running_var; LayerNormalization's gamma / beta become weight /
+bias. Keys follow the model tree given by each container layer's
+``named_children()`` (see ``tf_impl/model.py``).
+
+The ViT (``tf_impl/vit.py``) adds two *fused* keys, each the join of several
+Keras variables: timm's ``attn.qkv.weight`` (3 * width, width) is the
+MultiHeadAttention query, key and value kernels (width, heads, head_dim) as
+rows ``[q; k; v]``, output feature ``h * head_dim + j`` in each; ``attn.qkv.bias``
+(3 * width,) their biases (heads, head_dim). ``attn.proj.weight`` (width,
+width) is the MHA output kernel (heads, head_dim, width), input feature
+``h * head_dim + j``. Every split and join is a reshape or transpose: exact.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from shared.training_state import (
     save_training_checkpoint,
 )
 from tf_impl.model import named_leaves
+from tf_impl.vit import Weight
 
 __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookkeeping",
            "export_training_state", "import_training_state", "training_variables",
@@ -35,13 +45,27 @@ __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookk
 # Keras layout -> canonical layout, and back (the one place transposes live).
 _TO_CANONICAL = {"conv": (3, 2, 0, 1), "dense": (1, 0), "vector": None}
 _FROM_CANONICAL = {"conv": (2, 3, 1, 0), "dense": (1, 0), "vector": None}
+# Kinds whose canonical tensor joins a tuple of Keras variables (query, key, value).
+_FUSED = ("qkv_kernel", "qkv_bias")
 
 
 def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
-    """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer."""
+    """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer; for a
+    fused kind (``_FUSED``) a tuple of variables."""
     out: dict[str, tuple[keras.Variable, str]] = {}
     for path, layer in named_leaves(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, Weight):
+            out[path] = (layer.tensor, "vector")  # timm's bare parameters: same shape
+        elif isinstance(layer, keras.layers.LayerNormalization):
+            out[f"{path}.weight"] = (layer.gamma, "vector")
+            out[f"{path}.bias"] = (layer.beta, "vector")
+        elif isinstance(layer, keras.layers.MultiHeadAttention):
+            parts = (layer.query_dense, layer.key_dense, layer.value_dense)
+            out[f"{path}.qkv.weight"] = (tuple(d.kernel for d in parts), "qkv_kernel")
+            out[f"{path}.qkv.bias"] = (tuple(d.bias for d in parts), "qkv_bias")
+            out[f"{path}.proj.weight"] = (layer.output_dense.kernel, "attn_out")
+            out[f"{path}.proj.bias"] = (layer.output_dense.bias, "vector")
+        elif isinstance(layer, keras.layers.BatchNormalization):
             out[f"{path}.weight"] = (layer.gamma, "vector")
             out[f"{path}.bias"] = (layer.beta, "vector")
             out[f"{path}.running_mean"] = (layer.moving_mean, "vector")
@@ -57,21 +81,54 @@ def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
     return out
 
 
-def _to_canonical(value: np.ndarray, kind: str) -> np.ndarray:
+def _to_canonical(value, kind: str) -> np.ndarray:
+    """A Keras value (a tuple of them for a fused kind) in the canonical layout."""
+    if kind == "qkv_kernel":  # (width, heads, head_dim) each -> rows [q; k; v] of (out, in)
+        return np.ascontiguousarray(np.concatenate(
+            [part.reshape(part.shape[0], -1).T for part in value], axis=0))
+    if kind == "qkv_bias":  # (heads, head_dim) each -> [q; k; v]
+        return np.ascontiguousarray(np.concatenate([part.reshape(-1) for part in value]))
+    if kind == "attn_out":  # (heads, head_dim, width) -> (out = width, in = heads * head_dim)
+        return np.ascontiguousarray(value.reshape(-1, value.shape[-1]).T)
     axes = _TO_CANONICAL[kind]
     return np.ascontiguousarray(value if axes is None else np.transpose(value, axes))
 
 
+def _from_canonical(value: np.ndarray, kind: str, shape) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Inverse of :func:`_to_canonical`; ``shape`` is the Keras variable's (a part's, fused)."""
+    if kind == "qkv_kernel":
+        rows = value.shape[0] // 3
+        return tuple(value[i * rows:(i + 1) * rows].T.reshape(shape) for i in range(3))
+    if kind == "qkv_bias":
+        size = value.shape[0] // 3
+        return tuple(value[i * size:(i + 1) * size].reshape(shape) for i in range(3))
+    if kind == "attn_out":
+        return value.T.reshape(shape)
+    axes = _FROM_CANONICAL[kind]
+    return value if axes is None else np.transpose(value, axes)
+
+
+def _read(var, kind: str, dtype) -> np.ndarray:
+    if kind in _FUSED:
+        return _to_canonical(tuple(np.asarray(keras.ops.convert_to_numpy(v), dtype) for v in var),
+                             kind)
+    return _to_canonical(np.asarray(keras.ops.convert_to_numpy(var), dtype), kind)
+
+
+def _shape(var, kind: str) -> tuple[int, ...]:
+    parts = var if kind in _FUSED else (var,)
+    zeros = tuple(np.zeros(v.shape, np.float32) for v in parts)
+    return _to_canonical(zeros if kind in _FUSED else zeros[0], kind).shape
+
+
 def canonical_shapes(model) -> dict[str, tuple[int, ...]]:
     """Canonical key -> shape (torch layout) for every tensor of ``model``."""
-    return {key: _to_canonical(np.zeros(var.shape, np.float32), kind).shape
-            for key, (var, kind) in _variables(model).items()}
+    return {key: _shape(var, kind) for key, (var, kind) in _variables(model).items()}
 
 
 def export_weights(model, dtype=np.float32) -> dict[str, np.ndarray]:
     """Every weight and BN statistic as numpy (float32 = the canonical form), canonical keys."""
-    return {key: _to_canonical(np.asarray(keras.ops.convert_to_numpy(var), dtype), kind)
-            for key, (var, kind) in _variables(model).items()}
+    return {key: _read(var, kind, dtype) for key, (var, kind) in _variables(model).items()}
 
 
 def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
@@ -87,7 +144,11 @@ def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors"
 
 
 def _assign(var, value: np.ndarray, kind: str) -> None:
-    var.assign(_keras_layout(value, kind, var.dtype))
+    if kind in _FUSED:
+        for part, part_value in zip(var, _from_canonical(value, kind, var[0].shape)):
+            part.assign(np.ascontiguousarray(part_value, dtype=part.dtype))
+        return
+    var.assign(_keras_layout(value, kind, var.dtype, var.shape))
 
 
 def export_bookkeeping(model) -> dict[str, np.ndarray]:
@@ -114,10 +175,21 @@ def _slot_variables(optimizer, kind: str) -> list[list]:
     return [optimizer._momentums, optimizer._velocities]
 
 
+def _single_variables(model) -> dict[str, tuple[keras.Variable, str]]:
+    """:func:`_variables` for training states, which map one key to one Keras variable."""
+    variables = _variables(model)
+    for key, (_, kind) in variables.items():
+        if kind in _FUSED:
+            raise ValueError(f"training state: key {key!r} joins several Keras variables "
+                             f"(MultiHeadAttention query/key/value): no training state for "
+                             f"this model yet")
+    return variables
+
+
 def _optimized(model, optimizer) -> list[tuple[str, object, str, int]]:
     """``(canonical key, variable, layout kind, optimizer index)`` of every updated variable."""
     out = []
-    for key, (var, layout) in _variables(model).items():
+    for key, (var, layout) in _single_variables(model).items():
         try:
             out.append((key, var, layout, optimizer._get_variable_index(var)))
         except KeyError:
@@ -151,7 +223,7 @@ def training_variables(model, optimizer=None) -> list:
         optimizer.build(model.trainable_variables)
     lists = _slot_variables(optimizer, _optimizer_kind(optimizer))
     slots = [variables[index] for *_, index in _optimized(model, optimizer) for variables in lists]
-    return [var for var, _ in _variables(model).values()] + slots + [optimizer.iterations]
+    return [var for var, _ in _single_variables(model).values()] + slots + [optimizer.iterations]
 
 
 def training_state_values(model, optimizer, state: TrainingState,
@@ -169,10 +241,10 @@ def training_state_values(model, optimizer, state: TrainingState,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    variables = _variables(model)
+    variables = _single_variables(model)
     check_tensors(state.tensors, canonical_shapes(model), where, FLOAT32_OR_64)
     check_holdable(state.tensors, next(iter(variables.values()))[0].dtype, where)
-    values = [_keras_layout(state.tensors[key], layout, var.dtype)
+    values = [_keras_layout(state.tensors[key], layout, var.dtype, var.shape)
               for key, (var, layout) in variables.items()]
     lists = _slot_variables(optimizer, kind)
     # SGD: v = -lr * b, one float64 rounding (b came from v / -lr: v exactly again)
@@ -195,7 +267,8 @@ def training_state_values(model, optimizer, state: TrainingState,
             if value.shape != shape:
                 raise ValueError(f"{where}: slot {name!r} key {key!r}: shape expected "
                                  f"{shape}, got {value.shape}")
-            values.append(_keras_layout(np.asarray(value, np.float64) * scale, layout, var.dtype))
+            values.append(_keras_layout(np.asarray(value, np.float64) * scale, layout, var.dtype,
+                                        var.shape))
     values.append(np.asarray(state.step, "int64"))
     return values
 
@@ -205,7 +278,7 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
     """Inverse of :func:`training_state_values`: the canonical state these values hold."""
     optimizer = optimizer if optimizer is not None else model.optimizer
     kind = _optimizer_kind(optimizer)
-    variables = _variables(model)
+    variables = _single_variables(model)
     values = list(values)
     tensors = {key: _to_canonical(np.asarray(value, dtype), layout)
                for (key, (_, layout)), value in zip(variables.items(), values)}
@@ -228,9 +301,8 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
                          [key for key, *_ in sorted(optimized, key=lambda item: item[3])])
 
 
-def _keras_layout(value: np.ndarray, layout: str, dtype) -> np.ndarray:
-    axes = _FROM_CANONICAL[layout]
-    return np.ascontiguousarray(value if axes is None else np.transpose(value, axes), dtype=dtype)
+def _keras_layout(value: np.ndarray, layout: str, dtype, shape=None) -> np.ndarray:
+    return np.ascontiguousarray(_from_canonical(value, layout, shape), dtype=dtype)
 
 
 def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingState:
@@ -244,7 +316,7 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
         kind = _optimizer_kind(optimizer)
         trainable = {id(var) for var in model.trainable_variables}
         return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind),
-                             [key for key, (var, _) in _variables(model).items()
+                             [key for key, (var, _) in _single_variables(model).items()
                               if id(var) in trainable])
     values = [keras.ops.convert_to_numpy(v) for v in training_variables(model, optimizer)]
     return training_state_from_values(model, optimizer, values, dtype)

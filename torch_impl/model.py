@@ -135,13 +135,19 @@ def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    norm_layer = norm_layer or default_norm_layer(config)
-    if arch == "tinyconv":
-        base = TinyConvBase(config, norm_layer)
+    if arch == "vit":
+        if norm_layer is not None:
+            raise ValueError("build_model: arch 'vit' has no BatchNorm to build with norm_layer "
+                             "(its LayerNorm epsilon is ViTConfig.layer_norm_epsilon)")
+        from torch_impl.vit import vit_base
+
+        base = vit_base(config)
+    elif arch == "tinyconv":
+        base = TinyConvBase(config, norm_layer or default_norm_layer(config))
     else:
         from torch_impl.resnet import resnet18_base
 
-        base = resnet18_base(config, norm_layer)
+        base = resnet18_base(config, norm_layer or default_norm_layer(config))
     model = FineTuneModel(base, Head(config.feature_dim, num_classes, head_dropout), arch,
                           config.feature_dim)
     return model.to(getattr(torch, dtype))

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from shared.archs import ARCHS
+from shared.archs import PIPELINE_ARCHS
 from shared.bench import (
     DEFAULT_REPEATS,
     DEFAULT_STEPS,
@@ -46,7 +46,7 @@ QUICK = {"repeats": 1, "steps": 2, "long_factor": 2, "warmup": 0, "threads": 1}
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
+    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repeats per figure, medians reported (default {DEFAULT_REPEATS})")
     parser.add_argument("--steps", type=int, default=None,

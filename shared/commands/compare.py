@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from shared import frameworks
-from shared.archs import ARCHS
+from shared.archs import PIPELINE_ARCHS
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.errors import UsageError
 from shared.io import ensure_writable_dir
@@ -31,7 +31,7 @@ DEFAULT_OUT = Path("reports") / "latest"
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
+    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated, in table order (default: all: {','.join(STRATEGIES)})")
     parser.add_argument("--steps", type=int, default=None,

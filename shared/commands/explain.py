@@ -22,7 +22,7 @@ import json
 import sys
 
 from shared import data, frameworks
-from shared.archs import ARCHS, arch_config
+from shared.archs import PIPELINE_ARCHS, arch_config
 from shared.commands.compare import parse_strategies, pretrained_checkpoint
 from shared.errors import UsageError
 from shared.record import RunConfig
@@ -38,7 +38,7 @@ def add_parser(parser) -> None:
     parser.add_argument("--framework", choices=list(_FRAMEWORK_CHOICES), default="both")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help=f"comma-separated (default: {','.join(DEFAULT_STRATEGIES)})")
-    parser.add_argument("--arch", choices=ARCHS, default="tinyconv")
+    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
     parser.add_argument("--examples", type=int, default=None,
                         help="fit on the first N target training images (default: all of them)")
     parser.add_argument("--checkpoint", default=None,
