@@ -21,7 +21,8 @@ from shared.archs import TinyConvConfig, arch_config, keras_momentum
 
 __all__ = [
     "ConvBlock", "TinyConvBase", "Head", "FineTuneModel", "build_model", "default_norm_layer",
-    "TorchVarianceBatchNormalization", "LegacyBatchNormalization", "named_leaves", "is_batch_norm",
+    "TorchVarianceBatchNormalization", "LegacyBatchNormalization", "NamedSequence", "named_leaves",
+    "is_batch_norm",
 ]
 
 
@@ -187,6 +188,23 @@ class FineTuneModel(keras.Model):
 
     def named_children(self):
         return [("base", self.base), ("head", self.head)]
+
+
+class NamedSequence(keras.layers.Layer):
+    """Layers applied in order, named ``"0"``, ``"1"``, ... as a torch ``nn.Sequential``
+    names its children (so canonical keys read ``layer1.0.conv1``, ``blocks.3.attn``)."""
+
+    def __init__(self, layers: list, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = list(layers)
+
+    def call(self, x, training=None):
+        for block in self.blocks:
+            x = block(x, training=training)
+        return x
+
+    def named_children(self):
+        return [(str(i), block) for i, block in enumerate(self.blocks)]
 
 
 def named_leaves(layer, prefix: str = ""):

@@ -21,6 +21,7 @@ import keras
 from keras import ops
 
 from shared.archs import ResNet18Config, keras_momentum
+from tf_impl.model import NamedSequence
 
 __all__ = ["BasicBlock", "Downsample", "ResNet18Base", "Stage", "resnet18_base"]
 
@@ -104,20 +105,8 @@ class BasicBlock(keras.layers.Layer):
         return children
 
 
-class Stage(keras.layers.Layer):
+class Stage(NamedSequence):
     """torchvision's ``layerN``: an ``nn.Sequential`` of blocks named ``"0"``, ``"1"``, ..."""
-
-    def __init__(self, blocks: list[BasicBlock], **kwargs):
-        super().__init__(**kwargs)
-        self.blocks = list(blocks)
-
-    def call(self, x, training=None):
-        for block in self.blocks:
-            x = block(x, training=training)
-        return x
-
-    def named_children(self):
-        return [(str(i), block) for i, block in enumerate(self.blocks)]
 
 
 class ResNet18Base(keras.layers.Layer):

@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from shared.archs import ViTConfig
+from tf_impl.model import NamedSequence
 
 __all__ = ["Block", "Blocks", "DropPath", "Mlp", "PatchEmbed", "ViTBase", "Weight", "gelu",
            "vit_base"]
@@ -148,20 +149,8 @@ class Block(keras.layers.Layer):
                 ("mlp", self.mlp)]
 
 
-class Blocks(keras.layers.Layer):
+class Blocks(NamedSequence):
     """timm's ``blocks``: an ``nn.Sequential`` of blocks named ``"0"``, ``"1"``, ..."""
-
-    def __init__(self, blocks: list[Block], **kwargs):
-        super().__init__(**kwargs)
-        self.blocks = list(blocks)
-
-    def call(self, x, training=None):
-        for block in self.blocks:
-            x = block(x, training=training)
-        return x
-
-    def named_children(self):
-        return [(str(i), block) for i, block in enumerate(self.blocks)]
 
 
 class ViTBase(keras.layers.Layer):
