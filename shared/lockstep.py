@@ -41,8 +41,9 @@ from shared.record import RunConfig, RunRecord
 from shared.strategies import bn_prefixes, get_strategy
 from shared.training_state import TrainingState
 
-__all__ = ["Check", "LockstepEvent", "LockstepRecord", "StepBounds", "adam_rounding", "compare_step",
-           "lockstep", "loss_check", "moved_check", "step_bounds", "tensor_check", "ulp"]
+__all__ = ["Check", "LockstepEvent", "LockstepRecord", "ReferenceRun", "StepBounds", "adam_rounding",
+           "compare_step", "lockstep", "loss_check", "moved_check", "reference_run", "step_bounds",
+           "tensor_check", "ulp"]
 
 REFERENCE = "torch"   # trains through its own train.run loop
 FOLLOWER = "tf"       # takes each step from the reference's state
@@ -316,18 +317,28 @@ class _Observer:
     def before_step(self, step: int, idx: np.ndarray, stepper) -> None:
         # between steps the reference only evaluates (held-out losses): its state is the one
         # the last step left
-        self.start = self._next_start if self._next_start is not None else stepper.state()
+        self.follow(step, idx, self._next_start if self._next_start is not None
+                    else stepper.state())
+
+    def after_step(self, step: int, idx: np.ndarray, stepper, record) -> None:
+        self._next_start = stepper.state()
+        self.judge(step, idx, (record.train_loss, record.eval_loss), self._next_start)
+
+    def follow(self, step: int, idx: np.ndarray, start: TrainingState) -> None:
+        """The follower takes step ``step`` from the reference's state ``start``."""
+        self.start = start
         began = time.perf_counter()
-        self.follower.load(self.start, f"lockstep step {step}")
+        self.follower.load(start, f"lockstep step {step}")
         self.follower_losses = self.follower.step(idx)
         self.follower_state = self.follower.state()
         self.timings["follower_s"] += time.perf_counter() - began
 
-    def after_step(self, step: int, idx: np.ndarray, stepper, record) -> None:
-        losses = {FOLLOWER: self.follower_losses, REFERENCE: (record.train_loss, record.eval_loss)}
+    def judge(self, step: int, idx: np.ndarray, reference_losses: tuple[float, float],
+              reference_after: TrainingState) -> None:
+        """Both sides' step ``step`` compared: the reference's losses and the state it left."""
+        losses = {FOLLOWER: self.follower_losses, REFERENCE: reference_losses}
         began = time.perf_counter()
-        after = {FOLLOWER: self.follower_state, REFERENCE: stepper.state()}
-        self._next_start = after[REFERENCE]
+        after = {FOLLOWER: self.follower_state, REFERENCE: reference_after}
         checks = compare_step(self.start, losses, after, self.config.strategy, self.bounds)
         rec = self.record
         rec.max_loss_diff = max(rec.max_loss_diff, *(c.diff for c in checks[:2]))
@@ -377,20 +388,69 @@ class _Observer:
                              departure[FOLLOWER], departure[REFERENCE], departs)
 
 
-def lockstep(config: RunConfig, follower=None,
-             timings: dict | None = None) -> tuple[RunRecord, LockstepRecord]:
+class ReferenceRun:
+    """The reference framework's run of a config and its training state at every step
+    boundary (``states[k]``: before step ``k``; ``states[-1]``: after the last), which is
+    all a lockstep needs of it: :func:`lockstep` replays the follower's steps from them.
+    Made by :func:`reference_run`, here or in another process (``shared.worker``)."""
+
+    def __init__(self, record: RunRecord, states: list[TrainingState]):
+        if len(states) != len(record.steps) + 1:
+            raise ValueError(f"reference run of {record.strategy}: {len(states)} states for "
+                             f"{len(record.steps)} steps (expected one more)")
+        self.record, self.states = record, states
+
+
+class _StateRecorder:
+    """An observer of the reference's ``train.run`` that keeps its state at each boundary."""
+
+    def __init__(self):
+        self.states: list[TrainingState] = []
+
+    def before_step(self, step: int, idx: np.ndarray, stepper) -> None:
+        if not self.states:
+            self.states.append(stepper.state())
+
+    def after_step(self, step: int, idx: np.ndarray, stepper, record) -> None:
+        self.states.append(stepper.state())
+
+
+def reference_run(config: RunConfig) -> ReferenceRun:
+    """The reference framework's ``train.run`` of ``config``, its states kept (float64,
+    exact for any run)."""
+    recorder = _StateRecorder()
+    record = frameworks.load(REFERENCE, "train").run(config, observer=recorder)
+    return ReferenceRun(record, recorder.states)
+
+
+def lockstep(config: RunConfig, follower=None, timings: dict | None = None,
+             reference: ReferenceRun | None = None) -> tuple[RunRecord, LockstepRecord]:
     """The reference framework's run (its record) and the lockstep record of the same run.
 
     ``follower``: the other framework's ``Stepper`` of ``config`` to step with (any state:
     every step loads the reference's), e.g. the one its own free run used. ``timings``: a
     dict to fill with the seconds spent stepping the follower, comparing and deciding in
-    float64 (records carry no wall-clock time).
+    float64 (records carry no wall-clock time). ``reference``: the reference's run of
+    ``config`` made already (:func:`reference_run`, e.g. by a worker process while this one
+    ran the follower's free run); the follower replays it step by step, and the record is
+    the same bit for bit as when the reference trains here alongside (None).
     """
     expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
     record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
                             step_bounds(config.dtype, config).name, expected)
     observer = _Observer(config, record, follower, timings)
-    reference = frameworks.load(REFERENCE, "train").run(config, observer=observer)
+    if reference is None:
+        ran = frameworks.load(REFERENCE, "train").run(config, observer=observer)
+    else:
+        ran = reference.record
+        if len(ran.steps) != config.steps or ran.strategy != config.strategy:
+            raise ValueError(f"lockstep of {config.strategy}: the reference run given is "
+                             f"{ran.strategy}'s, {len(ran.steps)} steps (expected "
+                             f"{config.steps})")
+        for step, idx in enumerate(observer.follower.prepared.indices):
+            observer.follow(step, idx, reference.states[step])
+            observer.judge(step, idx, (ran.steps[step].train_loss, ran.steps[step].eval_loss),
+                           reference.states[step + 1])
     semantic = record.semantic_events
     if expected and semantic:
         first = semantic[0]
@@ -401,5 +461,5 @@ def lockstep(config: RunConfig, follower=None,
         record.failures.append(
             f"{config.strategy}: lockstep: tf and torch were expected to differ (different "
             f"classic mistakes) but every step agrees within {record.bounds}")
-    return reference, record
+    return ran, record
 

@@ -32,7 +32,7 @@ from shared import frameworks
 from shared import tolerances as tol
 from shared.compare import Tolerance, compare_records, expectation_failures
 from shared.envelope import Envelope, FreeRun, envelope_from, judge_free_run
-from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, lockstep
+from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, ReferenceRun, lockstep
 from shared.record import RunConfig, RunRecord
 from shared.worker import TorchWorker
 
@@ -116,6 +116,7 @@ class _Shared:
     def __init__(self, worker: TorchWorker | None = None):
         self.worker = worker
         self.runs: dict[RunConfig, RunRecord | int] = {}
+        self.references: dict[RunConfig, int] = {}  # lockstep reference runs in the worker
 
     @staticmethod
     def rerun_config(config: RunConfig, seed: int | None) -> RunConfig:
@@ -132,6 +133,17 @@ class _Shared:
         """Start ``config`` in the worker now (if there is one), to be collected later."""
         if self.worker is not None and config not in self.runs:
             self.runs[config] = self.worker.submit(config)
+
+    def submit_reference(self, config: RunConfig) -> None:
+        """Start the lockstep's reference run of ``config`` (torch's run and its states) in
+        the worker now (if there is one)."""
+        if self.worker is not None and config not in self.references:
+            self.references[config] = self.worker.submit(config, states=True)
+
+    def reference(self, config: RunConfig) -> ReferenceRun | None:
+        """The worker's reference run of ``config``, or None: the lockstep runs it here."""
+        job = self.references.pop(config, None)
+        return None if job is None else self.worker.reference(job)
 
     def get(self, config: RunConfig) -> RunRecord:
         held = self.runs.get(config)
@@ -152,29 +164,36 @@ def _as_strategy(record: RunRecord, strategy: str) -> RunRecord:
     return dataclasses.replace(record, strategy=strategy)
 
 
-def run_strategy(config: RunConfig, shared: _Shared | None = None,
-                 seeds: tuple[int, ...] | None = None, max_seeds: int | None = None,
-                 note: Callable[[str], None] | None = None) -> StrategyResult:
-    """Every run of one strategy and its verdicts (``seeds``, ``max_seeds`` None:
-    ``ENVELOPE_SEEDS``, ``ENVELOPE_MAX_SEEDS``)."""
-    seeds = tuple(tol.ENVELOPE_SEEDS) if seeds is None else tuple(seeds)
-    max_seeds = tol.ENVELOPE_MAX_SEEDS if max_seeds is None else max_seeds
-    shared = shared or _Shared()
-    note = note or (lambda what: None)
+@dataclass
+class _Stepped:
+    """A strategy's runs in this process: Keras's free run, the lockstep (and torch's run)."""
+    tf: RunRecord
+    torch: RunRecord
+    lockstep: LockstepRecord
+    expectations: dict[str, list[str]]
+
+
+def _step(config: RunConfig, shared: _Shared, note: Callable[[str], None]) -> _Stepped:
     note("tf run")
     tf_train = frameworks.load("tf", "train")
     follower = tf_train.Stepper(config)
     tf_record = tf_train.run(config, stepper=follower)
     note("lockstep")  # the same Keras model again, loaded with torch's state at every step
-    torch_record, lock = lockstep(config, follower)
-    expected = config.strategy not in EXPECTED_TO_DIFFER
+    torch_record, lock = lockstep(config, follower, reference=shared.reference(config))
     expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
+    return _Stepped(tf_record, torch_record, lock, expectations)
+
+
+def _judge(config: RunConfig, shared: _Shared, stepped: _Stepped, seeds: tuple[int, ...],
+           max_seeds: int, note: Callable[[str], None]) -> StrategyResult:
+    tf_record, torch_record, lock = stepped.tf, stepped.torch, stepped.lockstep
+    expected = config.strategy not in EXPECTED_TO_DIFFER
     if config.dtype == "float64":
         cmp = compare_records(tf_record, torch_record, FLOAT64_RUN)  # naive: must differ
         free = FreeRun(config.strategy, expected, 0.0, cmp.max_diff, "", 0.0, "")
         free.failures += cmp.failures
         return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
-                              expectations=expectations)
+                              expectations=stepped.expectations)
     note("float64 run")
     exact = _as_strategy(shared.float64(config), config.strategy) if expected else None
     reruns = []
@@ -194,7 +213,22 @@ def run_strategy(config: RunConfig, shared: _Shared | None = None,
         env = envelope_from(base, reruns)
         free = judge_free_run(tf_record, torch_record, env, exact, expected)
     return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
-                          env, exact, expectations)
+                          env, exact, stepped.expectations)
+
+
+def _seeds(seeds, max_seeds) -> tuple[tuple[int, ...], int]:
+    return (tuple(tol.ENVELOPE_SEEDS) if seeds is None else tuple(seeds),
+            tol.ENVELOPE_MAX_SEEDS if max_seeds is None else max_seeds)
+
+
+def run_strategy(config: RunConfig, shared: _Shared | None = None,
+                 seeds: tuple[int, ...] | None = None, max_seeds: int | None = None,
+                 note: Callable[[str], None] | None = None) -> StrategyResult:
+    """Every run of one strategy and its verdicts (``seeds``, ``max_seeds`` None:
+    ``ENVELOPE_SEEDS``, ``ENVELOPE_MAX_SEEDS``)."""
+    shared = shared or _Shared()
+    note = note or (lambda what: None)
+    return _judge(config, shared, _step(config, shared, note), *_seeds(seeds, max_seeds), note)
 
 
 def envelope_of(framework: str, config: RunConfig, run: RunRecord | None = None,
@@ -211,17 +245,31 @@ def envelope_of(framework: str, config: RunConfig, run: RunRecord | None = None,
 def run_matrix(configs: dict[str, RunConfig],
                note: Callable[[str, str], None] | None = None,
                processes: int | None = None) -> list[StrategyResult]:
-    """:func:`run_strategy` for each config, in order, sharing envelope and float64 runs.
+    """:func:`run_strategy` for each config, in order, sharing envelope and float64 runs:
+    every strategy's Keras free run and lockstep first, then every strategy's judgement.
 
     ``processes`` (None: :func:`workers`): with 1, a worker process (``shared.worker``: a
-    fresh interpreter that imports torch only) runs every torch-only run while this process
-    runs the lockstep and Keras runs; the records are the same bit for bit either way.
+    fresh interpreter that imports torch only) runs every torch-only run, the lockstep's
+    reference runs among them, while this process runs the Keras side (its free runs, and
+    its lockstep steps replayed from the reference's states); the records are the same bit
+    for bit either way.
     """
     processes = workers() if processes is None else processes
     float32 = [c for c in configs.values() if c.dtype == "float32"]
     worker = TorchWorker() if processes and float32 else None
+    if worker is not None:
+        # this process's Keras work on one core, the worker's torch runs on the other (a
+        # no-op where TensorFlow has already started, e.g. after other runs in a test)
+        frameworks.load("tf", "train").limit_threads(1)
+    notes = {name: (lambda what, n=name: note(n, what)) if note else (lambda what: None)
+             for name in configs}
     try:
         shared = _Shared(worker)
+        # the worker's queue, in the order this process will need it: torch's lockstep
+        # reference runs first (this process replays them after each Keras free run), then
+        # the float64 runs and envelope reruns (needed once every strategy has stepped)
+        for config in float32:
+            shared.submit_reference(config)
         for config in float32:
             if config.strategy not in EXPECTED_TO_DIFFER:
                 shared.submit(shared.float64_config(config))
@@ -229,8 +277,8 @@ def run_matrix(configs: dict[str, RunConfig],
                 shared.submit(shared.rerun_config(config, None))
             for seed in tol.ENVELOPE_SEEDS:
                 shared.submit(shared.rerun_config(config, seed))
-        return [run_strategy(config, shared,
-                             note=(lambda what, n=name: note(n, what)) if note else None)
+        stepped = {name: _step(config, shared, notes[name]) for name, config in configs.items()}
+        return [_judge(config, shared, stepped[name], *_seeds(None, None), notes[name])
                 for name, config in configs.items()]
     finally:
         if worker is not None:

@@ -215,15 +215,16 @@ def build_report(results: list[StrategyResult], settings: dict) -> Report:
 def render_table(report: Report):
     """A rich Table (print it with a Console wide enough: see :func:`table_width`)."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=_title(report), box=box.SQUARE, title_justify="left")
+    table = Table(title=escape(_title(report)), box=box.SQUARE, title_justify="left")
     for column in COLUMNS:
         table.add_column(column.title, justify="left" if column.fmt is None else "right",
                          no_wrap=True)
     for row, cells in zip(report.rows, report.cells()):
         style = None if row["verdict"].startswith("ok") else "bold red"
-        table.add_row(*cells, style=style)
+        table.add_row(*map(escape, cells), style=style)  # cells are text, not rich markup
     return table
 
 

@@ -12,6 +12,12 @@ process that holds both frameworks (as ``compare`` does):
 Then the demo itself: ``compare``'s matrix with its worker process, against the free runs
 alone (what ``compare`` ran before it had lockstep, an envelope and a float64 run), timed
 alternately, plus the import of both frameworks in a fresh interpreter, which both pay.
+
+And ``make demo`` side by side with the demo as it was before these verdicts
+(:data:`DEMO_BASELINE`, the commit before lockstep, envelope and float64 runs): each
+checkout's ``freeze-parity compare`` in a fresh process, whole wall time, alternately,
+in the same environment. The old checkout comes from this repository's history (``git
+archive`` into a temporary directory); without git or that commit, it is left out.
 """
 
 from __future__ import annotations
@@ -21,16 +27,71 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 from shared import frameworks
 from shared.matrix import exact_config, run_matrix
 from shared.record import RunConfig
 from shared.strategies import STRATEGIES
 
-__all__ = ["DEMO_GOAL_RATIO", "measure_verdicts", "render_verdicts"]
+__all__ = ["DEMO_BASELINE", "DEMO_GOAL_RATIO", "measure_demo", "measure_verdicts",
+           "render_verdicts"]
 
 DEMO_GOAL_RATIO = 1.3  # issue 18: make demo no more than 1.3x its time before lockstep
+# the last commit before compare had lockstep, the envelope and float64 runs: its compare
+# ran the two free runs per strategy and judged them with tolerances fitted to one CPU
+DEMO_BASELINE = "dfa3828"
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo_seconds(tree: Path) -> tuple[float, int]:
+    """Wall seconds and exit status of ``tree``'s ``freeze-parity compare`` (the demo), in a
+    fresh interpreter that imports ``tree``'s packages (its directory first on the path)."""
+    with tempfile.TemporaryDirectory(prefix="freeze-parity-demo-") as out:
+        code = ("import sys; from shared.cli import main; "
+                f"sys.exit(main(['compare', '--quiet', '--out', {out!r}]))")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True,
+                              text=True, check=False)
+        return time.perf_counter() - start, done.returncode
+
+
+def _checkout(commit: str, into: Path) -> Path | None:
+    """``commit``'s tree of this repository under ``into``, or None (no git, no commit)."""
+    try:
+        archive = subprocess.run(["git", "-C", str(_ROOT), "archive", "--format=tar", commit],
+                                 capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    tar = into / "baseline.tar"
+    tar.write_bytes(archive)
+    tree = into / commit
+    with tarfile.open(tar) as handle:
+        handle.extractall(tree, filter="data")
+    return tree
+
+
+def measure_demo(repeats: int = 2, baseline: str = DEMO_BASELINE) -> dict:
+    """``make demo`` now against ``baseline``'s, alternately, ``repeats`` times each:
+    medians, every repeat, exit statuses; ``{"baseline": None}`` when git cannot give it."""
+    with tempfile.TemporaryDirectory(prefix="freeze-parity-baseline-") as tmp:
+        tree = _checkout(baseline, Path(tmp))
+        if tree is None:
+            return {"baseline": None}
+        times: dict[str, list[float]] = {"baseline_s": [], "now_s": []}
+        status: dict[str, list[int]] = {"baseline": [], "now": []}
+        for _ in range(repeats):
+            for name, where in (("baseline", tree), ("now", _ROOT)):
+                seconds, code = _demo_seconds(where)
+                times[f"{name}_s"].append(seconds)
+                status[name].append(code)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ratio = medians["now_s"] / medians["baseline_s"]
+    return {"baseline": baseline, "repeats": times, "status": status, **medians,
+            "ratio": ratio, "met": ratio <= DEMO_GOAL_RATIO}
 
 
 def _seconds(call) -> float:
@@ -68,8 +129,10 @@ def _strategy(config: RunConfig) -> dict:
 
 
 def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
-                     strategies: tuple[str, ...] = tuple(STRATEGIES)) -> dict:
-    """Every figure's repeats and medians (seconds), and the machine's load."""
+                     strategies: tuple[str, ...] = tuple(STRATEGIES),
+                     demo_repeats: int = 2) -> dict:
+    """Every figure's repeats and medians (seconds), the demo side by side with
+    :data:`DEMO_BASELINE`'s (``demo_repeats`` each; 0: not measured), and the machine's load."""
     configs = {name: RunConfig(strategy=name, checkpoint=checkpoint) for name in strategies}
     load_before = list(os.getloadavg())
     rows: dict[str, list[dict]] = {name: [] for name in strategies}
@@ -85,6 +148,7 @@ def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
                                                  for fw in (tf, torch)]))
         demo["matrix_s"].append(_seconds(lambda: run_matrix(configs)))
         demo["imports_s"].append(_imports())
+    side_by_side = measure_demo(demo_repeats) if demo_repeats else {"baseline": None}
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                for name, runs in rows.items()}
     demo_median = {k: statistics.median(v) for k, v in demo.items()}
@@ -92,6 +156,7 @@ def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
     ratio = (imports + demo_median["matrix_s"]) / (imports + demo_median["runs_s"])
     return {"strategies": medians, "repeats": rows, "demo": demo_median, "demo_repeats": demo,
             "demo_ratio": ratio, "goal_ratio": DEMO_GOAL_RATIO, "met": ratio <= DEMO_GOAL_RATIO,
+            "side_by_side": side_by_side,
             "workers": os.environ.get("FREEZE_PARITY_WORKERS", "default"),
             "load_before": load_before, "load_after": list(os.getloadavg()),
             "cpu": _cpu(), "cores": os.cpu_count()}
@@ -131,4 +196,15 @@ def render_verdicts(result: dict) -> list[str]:
                f"float64; worker processes: {result['workers']}) {demo['matrix_s']:.1f} s; "
                f"ratio with imports {result['demo_ratio']:.2f}x (goal <= "
                f"{result['goal_ratio']:g}x: {'met' if result['met'] else 'NOT met'})")]
+    side = result.get("side_by_side", {})
+    if side.get("baseline"):
+        lines.append(f"make demo side by side ({len(side['repeats']['now_s'])} alternate runs "
+                     f"each, whole process): before the verdicts (commit {side['baseline']}) "
+                     f"{side['baseline_s']:.1f} s, now {side['now_s']:.1f} s: "
+                     f"{side['ratio']:.2f}x (goal <= {result['goal_ratio']:g}x: "
+                     f"{'met' if side['met'] else 'NOT met'}; exit statuses "
+                     f"{side['status']['baseline']} and {side['status']['now']})")
+    else:
+        lines.append(f"make demo side by side: not measured (no git history with commit "
+                     f"{DEMO_BASELINE} here)")
     return lines

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from shared.io import atomic_write_json
 from shared.record import RunConfig, RunRecord
+from shared.training_state import TrainingState
 
 __all__ = ["CLOSE_TIMEOUT_S", "TorchWorker", "WorkerError", "main"]
 
@@ -45,13 +49,30 @@ class TorchWorker:
         self._jobs: dict[int, RunConfig] = {}
         self._done: set[int] = set()
 
-    def submit(self, config: RunConfig) -> int:
+    def submit(self, config: RunConfig, states: bool = False) -> int:
+        """Queue ``config``'s torch run (``states``: a lockstep reference run, see
+        :meth:`reference`); its job id."""
         job = self._next
         self._next += 1
         self._jobs[job] = config
-        self._proc.stdin.write(json.dumps({"job": job, "config": config.__dict__}) + "\n")
+        request = {"job": job, "config": config.__dict__, "states": states}
+        self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         return job
+
+    def reference(self, job: int):
+        """A ``submit(config, states=True)`` job's :class:`~shared.lockstep.ReferenceRun`."""
+        from shared.lockstep import ReferenceRun
+
+        record = self.result(job)
+        path = Path(self._dir.name) / f"{job}.npz"
+        if not path.exists():
+            raise WorkerError(f"torch worker, job {job} ({self._jobs[job].strategy}): "
+                              f"submitted without states")
+        meta = json.loads((Path(self._dir.name) / f"{job}.states.json").read_text(encoding="utf-8"))
+        with np.load(path) as arrays:
+            states = _states_from_arrays(arrays, meta)
+        return ReferenceRun(record, states)
 
     def result(self, job: int) -> RunRecord:
         while job not in self._done:
@@ -89,18 +110,57 @@ class TorchWorker:
 def main(argv: list[str] | None = None) -> int:
     """The worker: read jobs from stdin, write records to ``argv[0]``, job ids to stdout."""
     from shared import frameworks
+    from shared.lockstep import reference_run
 
     out = Path((argv if argv is not None else sys.argv[1:])[0])
     train = frameworks.load("torch", "train")
     for line in sys.stdin:
         request = json.loads(line)
+        job = request["job"]
         try:
-            result = train.run(RunConfig.from_dict(request["config"])).to_dict()
+            config = RunConfig.from_dict(request["config"])
+            if request.get("states"):
+                ran = reference_run(config)
+                arrays, meta = _states_to_arrays(ran.states)
+                _atomic_npz(out / f"{job}.npz", arrays)
+                atomic_write_json(out / f"{job}.states.json", meta)
+                result = ran.record.to_dict()
+            else:
+                result = train.run(config).to_dict()
         except Exception as exc:  # noqa: BLE001 - reported to the parent, one line
             result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
-        atomic_write_json(out / f"{request['job']}.json", result)
+        atomic_write_json(out / f"{job}.json", result)
         print(request["job"], flush=True)
     return 0
+
+
+def _states_to_arrays(states: list[TrainingState]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Every state's arrays under ``"<n>/t/<key>"`` and ``"<n>/s/<slot>/<key>"`` (dtypes
+    kept: exact), and what else each state holds."""
+    arrays, meta = {}, []
+    for n, state in enumerate(states):
+        arrays.update({f"{n}/t/{k}": v for k, v in state.tensors.items()})
+        arrays.update({f"{n}/s/{slot}/{k}": v for slot, vals in state.slots.items()
+                       for k, v in vals.items()})
+        meta.append({"tensors": list(state.tensors), "optimizer": state.optimizer,
+                     "slots": {slot: list(vals) for slot, vals in state.slots.items()},
+                     "step": state.step, "hyper": state.hyper, "parameters": state.parameters})
+    return arrays, meta
+
+
+def _states_from_arrays(arrays, meta: list[dict]) -> list[TrainingState]:
+    return [TrainingState({k: arrays[f"{n}/t/{k}"] for k in m["tensors"]}, m["optimizer"],
+                          {slot: {k: arrays[f"{n}/s/{slot}/{k}"] for k in keys}
+                           for slot, keys in m["slots"].items()},
+                          m["step"], m["hyper"], m["parameters"])
+            for n, m in enumerate(meta)]
+
+
+def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,34 @@ def test_bench_bare_loop_and_project_run_use_the_same_torch_threads(tinyconv_che
         torch.set_num_threads(previous[0])
     assert seen["bare"] == seen["run"] == {threads or 1}, seen
     assert session.impl.info()["run_threads"] == (threads or 1)
+
+
+def test_verdict_bench_baseline_checkout_is_the_demo_before_the_verdicts(tmp_path):
+    """bench --verdicts times make demo against DEMO_BASELINE's: git gives that tree, whose
+    compare judged the free runs with fitted tolerances (no lockstep, no envelope)."""
+    from shared import verdict_bench
+
+    tree = verdict_bench._checkout(verdict_bench.DEMO_BASELINE, tmp_path)
+    assert tree is not None and (tree / "shared" / "cli.py").is_file()
+    assert not (tree / "shared" / "lockstep.py").exists()
+    assert not (tree / "shared" / "envelope.py").exists()
+    assert verdict_bench._checkout("0" * 40, tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("now_s, verdict", [(60.0, "NOT met"), (52.0, "met")])
+def test_verdict_bench_side_by_side_line_states_ratio_and_goal(now_s, verdict):
+    from shared import verdict_bench
+
+    side = {"baseline": "abc1234", "repeats": {"now_s": [now_s, now_s]}, "baseline_s": 40.0,
+            "now_s": now_s, "ratio": now_s / 40.0, "met": now_s / 40.0 <= 1.3,
+            "status": {"baseline": [0, 0], "now": [0, 0]}}
+    strategy = dict.fromkeys(("torch_run_s", "tf_run_s", "lockstep_s", "lockstep_tf_s",
+                              "lockstep_compare_s", "lockstep_float64_s", "rerun_s",
+                              "float64_s"), 1.0)
+    result = {"demo_repeats": {"runs_s": [1.0]}, "cpu": "cpu", "cores": 2,
+              "load_before": [0.0], "load_after": [0.0], "strategies": {"frozen": strategy},
+              "demo": {"imports_s": 1.0, "runs_s": 1.0, "matrix_s": 1.0}, "workers": "default",
+              "demo_ratio": 1.0, "goal_ratio": 1.3, "met": True, "side_by_side": side}
+    last = verdict_bench.render_verdicts(result)[-1]
+    assert f"commit abc1234) 40.0 s, now {now_s:.1f} s: {now_s / 40:.2f}x" in last
+    assert f"(goal <= 1.3x: {verdict};" in last

@@ -262,3 +262,17 @@ def test_compare_uses_the_shipped_checkpoint_by_default(tmp_path, monkeypatch, c
     assert compare.pretrained_checkpoint("tinyconv") == str(shipped_checkpoint("tinyconv"))
     assert compare.pretrained_checkpoint("tinyconv", checkpoint="x.safetensors") == "x.safetensors"
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""
+
+
+def test_replica_table_caption_prints_brackets_as_text():
+    """A numerics finding names Keras's variance 'E[x^2] - E[x]^2': rich must not take
+    '[x^2]' for markup and drop it (it did: the table printed 'E - E^2')."""
+    from rich.console import Console
+
+    from shared.commands.compare import _replica_table
+
+    section = {"notes": "notes", "rows": [],
+               "numerics": ["the all-reduced variance as E[x^2] - E[x]^2 in float32"]}
+    console = Console(record=True, width=200)
+    console.print(_replica_table(section))
+    assert "variance as E[x^2] - E[x]^2 in float32" in console.export_text()

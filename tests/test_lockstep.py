@@ -177,6 +177,26 @@ def test_torch_lockstep_reference_is_its_own_run_bit_for_bit(config):
     assert record.ok and record.steps == config.steps
 
 
+def test_lockstep_replayed_from_reference_states_equals_stepping_alongside(config):
+    """The worker's path (shared.worker): torch's run made first with its states kept, the
+    Keras steps replayed from them, gives the same record bit for bit; a reference of
+    another strategy or length is refused in one line."""
+    alongside_run, alongside = lockstep.lockstep(config)
+    made = lockstep.reference_run(config)
+    assert len(made.states) == config.steps + 1
+    first, last = made.states[0].tensors, made.states[-1].tensors
+    assert not np.array_equal(first["head.fc.weight"], last["head.fc.weight"])  # it trained
+    replayed_run, replayed = lockstep.lockstep(config, reference=made)
+    assert replayed_run.to_json() == alongside_run.to_json()
+    assert replayed.to_dict() == alongside.to_dict()
+    other = dataclasses.replace(config, strategy="frozen")
+    with pytest.raises(ValueError, match=r"^lockstep of frozen: the reference run given is "
+                                         r"full's, 3 steps \(expected 3\)$"):
+        lockstep.lockstep(other, reference=made)
+    with pytest.raises(ValueError, match=r"^reference run of full: 5 states for 3 steps \(expected one more\)$"):
+        lockstep.ReferenceRun(made.record, made.states + made.states[-1:])
+
+
 def test_lockstep_check_outside_float32_bound_decided_in_float64(config, monkeypatch):
     """Bounds far below float32 rounding put every step outside in float32; float64 from the
     same states agrees, so every event is numerics (not a failure), with each framework's

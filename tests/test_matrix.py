@@ -42,6 +42,9 @@ def test_run_matrix_worker_process_gives_the_same_records_bit_for_bit(configs):
         assert a.exact.to_json() == b.exact.to_json()
         assert a.envelope.to_dict() == b.envelope.to_dict()
         assert a.tf.to_json() == b.tf.to_json() and a.torch.to_json() == b.torch.to_json()
+        # the lockstep replayed from the worker's reference states = stepped alongside here
+        assert a.lockstep.to_dict() == b.lockstep.to_dict()
+        assert a.lockstep.steps == STEPS and a.lockstep.max_ratio > 0
 
 
 def test_frozen_shares_feature_extractions_envelope_and_float64_run(configs):

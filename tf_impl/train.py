@@ -43,7 +43,7 @@ from tf_impl.weights import (
 )
 
 __all__ = ["make_optimizer", "evaluate", "pretrain", "Stepper", "run", "run_threads",
-           "RUN_THREADS", "BatchLoss", "StepRecorder", "HeadModel"]
+           "limit_threads", "RUN_THREADS", "BatchLoss", "StepRecorder", "HeadModel"]
 
 # TensorFlow's thread pools are fixed when it initialises: runs use whatever the process
 # has (its default, or bench's --threads through tf_impl.bench.set_threads).
@@ -54,6 +54,24 @@ RUN_THREADS = None
 def run_threads():
     """The thread setting runs use; TensorFlow's pools are per process, so nothing to change."""
     yield
+
+
+def limit_threads(threads: int) -> bool:
+    """Runs of this process use ``threads`` threads within and between ops; False (nothing
+    changed) once TensorFlow has initialised, when its pools are fixed.
+
+    ``compare`` sets one when a torch worker process shares the cores: TensorFlow's default
+    pools (one thread per core, each op split over them) then wait on the busy core; the
+    demo's matrix took 73-80 s with them and 62-65 s with one thread (2-core AMD EPYC).
+    """
+    global RUN_THREADS
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # "... cannot be modified after initialization"
+        return False
+    RUN_THREADS = threads
+    return True
 
 
 def _loss(dtype: str = "float32"):

@@ -34,7 +34,7 @@ from torch_impl.weights import (
 )
 
 __all__ = ["make_optimizer", "evaluate", "pretrain", "Stepper", "run", "run_threads",
-           "RUN_THREADS"]
+           "limit_threads", "RUN_THREADS"]
 
 _LOSS = nn.CrossEntropyLoss()  # mean over the batch, like Keras's sum_over_batch_size
 
@@ -57,6 +57,14 @@ def run_threads():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def limit_threads(threads: int) -> bool:
+    """Runs of this process use ``threads`` intra-op threads (:data:`RUN_THREADS`); always
+    True: torch sets its threads per run. Mirrors ``tf_impl.train.limit_threads``."""
+    global RUN_THREADS
+    RUN_THREADS = threads
+    return True
 
 
 def _tensor(x: np.ndarray, dtype: str = "float32") -> torch.Tensor:

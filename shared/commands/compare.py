@@ -144,7 +144,9 @@ def run(args) -> int:
     for fw in ("torch", "tf"):  # torch first
         frameworks.load(fw, "train")
     with _progress(args.quiet) as progress:
-        task = progress.add_task("starting", total=len(configs))
+        # each strategy twice: its Keras free run and lockstep, then (all stepped) its
+        # envelope and float64 runs and verdict
+        task = progress.add_task("starting", total=2 * len(configs))
         done: list[str] = []
 
         def note(name: str, what: str) -> None:
@@ -154,7 +156,7 @@ def run(args) -> int:
             progress.update(task, description=f"{name}: {what}")
 
         results = run_matrix(configs, note=note)
-        progress.update(task, completed=len(configs), description="done")
+        progress.update(task, completed=2 * len(configs), description="done")
     first = next(iter(configs.values()))
     settings = {"arch": first.arch, "optimizer": first.optimizer,
                 "learning_rate": first.learning_rate, "momentum": first.momentum,
@@ -211,16 +213,19 @@ def run(args) -> int:
 
 def _replica_table(section: dict):
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     from shared.distributed import REPLICA_COLUMNS, replica_cells
 
-    caption = "\n".join([section["notes"], *(f"numerics: {line}"
-                                              for line in section.get("numerics", []))])
+    # escaped: a finding's "E[x^2]" is text, not rich markup
+    caption = escape("\n".join([section["notes"], *(f"numerics: {line}"
+                                                     for line in section.get("numerics", []))]))
     table = Table(title="one process vs data parallel (same global batch)", box=box.SQUARE,
                   title_justify="left", caption=caption, caption_justify="left")
     for _, title, fmt in REPLICA_COLUMNS:
         table.add_column(title, justify="left" if fmt is None else "right", no_wrap=True)
     for row, cells in zip(section["rows"], replica_cells(section)):
-        table.add_row(*cells, style="bold red" if row["verdict"].startswith("FAIL") else None)
+        table.add_row(*map(escape, cells),
+                      style="bold red" if row["verdict"].startswith("FAIL") else None)
     return table
