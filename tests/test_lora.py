@@ -112,7 +112,8 @@ def _torch_step(base, x, readout, labels, steps=1):
 def _keras_step(base, x, readout, labels, steps=1):
     optimizer = keras.optimizers.SGD(learning_rate=LR)
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    # the loss's own dtype, else Keras computes it in floatx (float32) in a float64 model
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=str(x.dtype))
     for _ in range(steps):
         with tf.GradientTape() as tape:
             loss = loss_fn(labels, keras.ops.matmul(base(x_nhwc, training=True), readout.T))
@@ -171,12 +172,16 @@ def test_keras_query_lora_is_per_head_trap(weights):
 
 
 def test_keras_lora_kernels_float32_in_float64_model_trap(weights):
-    """Keras creates lora_kernel_a/b as float32 whatever the layer's dtype: a float64 model's
-    update A @ B is a float32 product (so no float64 exactness proof on the Keras side)."""
-    base = _keras_base(weights, "float64")
-    tf_lora.add_lora(base, RANK, ALPHA)
+    """Keras's enable_lora creates lora_kernel_a/b as float32 whatever the layer's dtype (a
+    float64 model's A @ B would be a float32 product); add_lora makes them float64."""
+    bare = keras.layers.EinsumDense("abc,cde->abde", (None, 1, CONFIG.width), dtype="float64")
+    bare.build((None, None, CONFIG.width))
+    bare.enable_lora(RANK)
+    assert bare.lora_kernel_a.dtype == "float32"
+    base = tf_lora.add_lora(_keras_base(weights, "float64"), RANK, ALPHA)
     query = base.blocks.blocks[0].attn.query_dense
-    assert query.kernel.dtype == "float64" and query.lora_kernel_a.dtype == "float32"
+    assert query.lora_kernel_a.dtype == "float64" and query.lora_kernel_b.dtype == "float64"
+    assert len(base.trainable_weights) == len(QKV_KEYS)
 
 
 def test_keras_lora_dropout_refused(weights):
@@ -323,9 +328,11 @@ def _cross_step(weights, dtype="float32", torch_kw=None, keras_kw=None, start=No
     return start_torch, torch_lora.lora_tensors(torch_base), tf_lora.lora_tensors(keras_base)
 
 
-def test_cross_lora_step_agrees(weights):
-    start, after_torch, after_tf = _cross_step(weights)
-    ratio, key, gap = _step_gap(start, after_tf, after_torch, QKV_KEYS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_lora_step_agrees(dtype, weights):
+    np_dtype = np.float64 if dtype == "float64" else np.float32
+    start, after_torch, after_tf = _cross_step(weights, dtype)
+    ratio, key, gap = _step_gap(start, after_tf, after_torch, QKV_KEYS, np_dtype)
     assert ratio <= 1.0, f"{key}: tf vs torch change differs by {gap:.3g} ({ratio:.3g}x bound)"
 
 

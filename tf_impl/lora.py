@@ -8,8 +8,8 @@ shared by every head: a rank-r adapter of the width -> width map only when heads
 (tests/test_lora.py pins the shapes); the output projection (kernel (heads, head_dim,
 width)) gets a true rank-r adapter. This module is the one place that converts them to
 the canonical (torch/PEFT) layout: ``lora_A`` (r, in), ``lora_B`` (out, r).
-Keras has no LoRA dropout: ``dropout > 0`` is refused. The LoRA kernels are float32
-whatever the layer's dtype (Keras creates them so).
+Keras has no LoRA dropout: ``dropout > 0`` is refused. Keras creates the LoRA kernels
+in float32 whatever the layer's dtype; :func:`add_lora` gives a float64 layer float64 ones.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
         raise ValueError(f"add_lora: no MultiHeadAttention in {base.name!r} (built?)")
     for _, attn in attentions:
         for target in targets:
-            getattr(attn, _SUBLAYER[target]).enable_lora(rank, lora_alpha=alpha)
+            layer = getattr(attn, _SUBLAYER[target])
+            layer.enable_lora(rank, lora_alpha=alpha)
+            _lora_in_layer_dtype(layer)
     lora = {id(v) for _, attn in attentions for t in targets
             for v in (getattr(attn, _SUBLAYER[t]).lora_kernel_a,
                       getattr(attn, _SUBLAYER[t]).lora_kernel_b)}
@@ -75,6 +77,22 @@ def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
         for variable in head.weights:
             variable.trainable = True
     return model_or_base
+
+
+def _lora_in_layer_dtype(layer) -> None:
+    """Keras creates lora_kernel_a/b as float32 whatever the layer's dtype; a float64 layer
+    gets float64 ones here (same shapes, same values), or its A @ B is a float32 product."""
+    if layer.variable_dtype == "float32":
+        return
+    for name in ("lora_kernel_a", "lora_kernel_b"):
+        old = getattr(layer, name)
+        layer._untrack_variable(old)
+        layer._tracker.unlock()
+        new = layer.add_weight(name=name, shape=old.shape, initializer="zeros",
+                               dtype=layer.variable_dtype)
+        new.assign(keras.ops.cast(old.value, layer.variable_dtype))
+        setattr(layer, name, new)
+        layer._tracker.lock()
 
 
 def _adapters(model_or_base) -> dict[str, tuple[keras.layers.EinsumDense, str]]:
