@@ -358,7 +358,6 @@ def test_cross_lora_fused_qkv_differs_from_separate(weights):
     same function: Keras's q/k/v A start as the fused A, their B as its row blocks."""
     x, readout, labels = _batch()
     fused = torch_lora.add_lora(_torch_base(weights), RANK, ALPHA, targets=("qkv",))
-    start_fused = _start_tensors([], dtype=np.float32)
     rng = np.random.default_rng(5)
     a = rng.normal(0.0, 0.3, (RANK, CONFIG.width)).astype(np.float32)
     b = rng.normal(0.0, 0.3, (3 * CONFIG.width, RANK)).astype(np.float32)
