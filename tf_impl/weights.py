@@ -49,6 +49,12 @@ _FROM_CANONICAL = {"conv": (2, 3, 1, 0), "dense": (1, 0), "vector": None}
 _FUSED = ("qkv_kernel", "qkv_bias")
 
 
+def _kernel(layer) -> keras.Variable:
+    """The stored kernel variable: with LoRA enabled (tf_impl/lora.py) Keras's ``kernel``
+    property returns kernel + (lora_alpha / rank) A @ B, a tensor, not the base weight."""
+    return layer._kernel if getattr(layer, "lora_enabled", False) else layer.kernel
+
+
 def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
     """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer; for a
     fused kind (``_FUSED``) a tuple of variables."""
@@ -61,9 +67,9 @@ def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
             out[f"{path}.bias"] = (layer.beta, "vector")
         elif isinstance(layer, keras.layers.MultiHeadAttention):
             parts = (layer.query_dense, layer.key_dense, layer.value_dense)
-            out[f"{path}.qkv.weight"] = (tuple(d.kernel for d in parts), "qkv_kernel")
+            out[f"{path}.qkv.weight"] = (tuple(_kernel(d) for d in parts), "qkv_kernel")
             out[f"{path}.qkv.bias"] = (tuple(d.bias for d in parts), "qkv_bias")
-            out[f"{path}.proj.weight"] = (layer.output_dense.kernel, "attn_out")
+            out[f"{path}.proj.weight"] = (_kernel(layer.output_dense), "attn_out")
             out[f"{path}.proj.bias"] = (layer.output_dense.bias, "vector")
         elif isinstance(layer, keras.layers.BatchNormalization):
             out[f"{path}.weight"] = (layer.gamma, "vector")
@@ -72,7 +78,7 @@ def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
             out[f"{path}.running_var"] = (layer.moving_variance, "vector")
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             kind = "conv" if isinstance(layer, keras.layers.Conv2D) else "dense"
-            out[f"{path}.weight"] = (layer.kernel, kind)
+            out[f"{path}.weight"] = (_kernel(layer), kind)
             if layer.use_bias:
                 out[f"{path}.bias"] = (layer.bias, "vector")
         else:
