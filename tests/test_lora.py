@@ -14,24 +14,28 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras  # noqa: E402  (after torch: docs/PORTING.md)
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402
 import torch
 from safetensors.numpy import load_file, save_file
 
 from shared.archs import ViTConfig
 from shared.init import canonical_init
-from shared.tolerances import FLOAT64_RUN_ATOL, FORWARD_ATOL, FORWARD_RTOL, LOCKSTEP_ULPS, \
-    LOCKSTEP_UPDATE_RTOL
+from shared.tolerances import (
+    FLOAT64_RUN_ATOL,
+    FORWARD_ATOL,
+    FORWARD_RTOL,
+    LOCKSTEP_ULPS,
+    LOCKSTEP_UPDATE_RTOL,
+)
 from tf_impl import lora as tf_lora
 from tf_impl import vit as tf_vit
 from tf_impl import weights as tf_weights
 from torch_impl import lora as torch_lora
 from torch_impl import vit as torch_vit
 from torch_impl import weights as torch_weights
-
-import keras  # noqa: E402  (after torch: docs/PORTING.md)
-import tensorflow as tf  # noqa: E402
 
 # one head: Keras's q/k/v adapters are then rank-r adapters of width -> width (see above);
 # every dropout and drop-path off, so a step is deterministic in train mode
