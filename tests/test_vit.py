@@ -269,8 +269,155 @@ def test_vit_build_model_rejects_norm_layer(framework):
         module.build_model("vit", NUM_CLASSES, norm_layer=lambda n, name="bn": None)
 
 
-def test_keras_vit_training_state_refused_one_line(tf_net):
+# --------------------------------------------------------------------------- #
+# training states: the fused qkv's optimizer slots split as its weights are
+# --------------------------------------------------------------------------- #
+LR, MOMENTUM = 0.01, 0.9
+
+
+def _keras_optimizer(kind: str):
     import keras
 
-    with pytest.raises(ValueError, match=r"key 'base\.blocks\.0\.attn\.qkv\.weight' joins"):
-        tf_weights.export_training_state(tf_net, keras.optimizers.SGD(0.01, momentum=0.9))
+    return (keras.optimizers.SGD(LR, momentum=MOMENTUM) if kind == "sgd"
+            else keras.optimizers.Adam(LR, beta_1=0.875, beta_2=1 - 2 ** -10, epsilon=1e-16))
+
+
+def _torch_stepped(kind: str, weights, steps: int = 2):
+    """A torch ViT and its optimizer after ``steps`` steps on random batches (dropout on)."""
+    net = torch_model.build_model("vit", NUM_CLASSES)
+    torch_weights.import_weights(net, weights)
+    optimizer = (torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM) if kind == "sgd"
+                 else torch.optim.Adam(net.parameters(), lr=LR, betas=(0.875, 1 - 2 ** -10),
+                                       eps=1e-16))
+    net.train()
+    torch.manual_seed(0)
+    for step in range(steps):
+        x = torch.from_numpy(_images_nchw(BATCH, seed=10 + step))
+        y = torch.arange(BATCH) % NUM_CLASSES
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net, optimizer
+
+
+def _keras_stepped(kind: str, weights, steps: int = 2):
+    """A Keras ViT and its optimizer after ``steps`` updates from random gradients."""
+
+    net = tf_model.build_model("vit", NUM_CLASSES)
+    tf_weights.import_weights(net, weights)
+    optimizer = _keras_optimizer(kind)
+    optimizer.build(net.trainable_variables)
+    rng = np.random.default_rng(7)
+    for _ in range(steps):
+        grads = [rng.normal(0.0, 0.1, v.shape).astype(np.float32) for v in net.trainable_variables]
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
+    return net, optimizer
+
+
+def _raw(net, optimizer) -> list[np.ndarray]:
+    """Every Keras weight and optimizer variable, in Keras's own order (not the project's)."""
+    import keras
+
+    return [np.array(keras.ops.convert_to_numpy(v))
+            for v in list(net.weights) + list(optimizer.variables)]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_keras_vit_training_state_roundtrip_every_variable_bit_identical(kind, weights):
+    net, optimizer = _keras_stepped(kind, weights)
+    state = tf_weights.export_training_state(net, optimizer)
+    fresh = tf_model.build_model("vit", NUM_CLASSES)
+    fresh_optimizer = _keras_optimizer(kind)
+    tf_weights.import_training_state(fresh, fresh_optimizer, state)
+    want, got = _raw(net, optimizer), _raw(fresh, fresh_optimizer)
+    assert len(want) == len(got)
+    names = [v.path for v in list(net.weights) + list(optimizer.variables)]
+    changed = [n for n, a, b in zip(names, want, got) if not np.array_equal(a, b)]
+    assert not changed, f"{kind}: round trip changed {changed[:5]}"
+    again = tf_weights.export_training_state(fresh, fresh_optimizer)
+    for name in state.slots:
+        assert all(np.array_equal(again.slots[name][k], v) for k, v in state.slots[name].items())
+    qkv = "base.blocks.0.attn.qkv.weight"
+    assert state.slots[next(iter(state.slots))][qkv].shape == (3 * CONFIG.width, CONFIG.width)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_cross_vit_torch_training_state_keys_match_both_sides(kind, weights):
+    net, optimizer = _torch_stepped(kind, weights, steps=1)
+    state = torch_weights.export_training_state(net, optimizer)
+    tf_net = tf_model.build_model("vit", NUM_CLASSES)
+    tf_optimizer = _keras_optimizer(kind)
+    tf_weights.import_training_state(tf_net, tf_optimizer, state)
+    back = tf_weights.export_training_state(tf_net, tf_optimizer)
+    assert sorted(back.tensors) == sorted(state.tensors) == sorted(torch_weights.canonical_shapes(net))
+    assert back.parameters == state.parameters  # every tensor trains, in the same order
+    assert "base.cls_token" in state.parameters and "base.pos_embed" in state.parameters
+    assert {n: sorted(v) for n, v in back.slots.items()} == {n: sorted(v) for n, v in state.slots.items()}
+    assert back.step == state.step
+
+
+def test_cross_vit_adam_state_through_keras_bit_identical(weights):
+    """torch -> Keras -> canonical: every tensor and Adam moment back bit for bit (the qkv
+    moments split into query/key/value and fused again)."""
+    net, optimizer = _torch_stepped("adam", weights)
+    state = torch_weights.export_training_state(net, optimizer)
+    tf_net = tf_model.build_model("vit", NUM_CLASSES)
+    tf_optimizer = _keras_optimizer("adam")
+    tf_weights.import_training_state(tf_net, tf_optimizer, state)
+    back = tf_weights.export_training_state(tf_net, tf_optimizer)
+    assert [k for k in state.tensors if not np.array_equal(back.tensors[k], state.tensors[k])] == []
+    for name, values in state.slots.items():
+        changed = [k for k in values if not np.array_equal(back.slots[name][k], values[k])]
+        assert not changed, f"slot {name}: changed {changed[:5]}"
+    assert back.step == state.step == 2
+
+
+def _keras_parts_by_hand(canonical: np.ndarray) -> list[np.ndarray]:
+    """timm's fused (3 * width, width) qkv rows as Keras's query/key/value kernels (width,
+    heads, head_dim), element by element: kernel[i, h, j] = qkv[part * width + h * head_dim
+    + j, i] (written here, not through tf_impl/weights.py)."""
+    w, heads, d = CONFIG.width, CONFIG.heads, CONFIG.head_dim
+    out = []
+    for part in range(3):
+        kernel = np.empty((w, heads, d), canonical.dtype)
+        for h in range(heads):
+            for j in range(d):
+                kernel[:, h, j] = canonical[part * w + h * d + j, :]
+        out.append(kernel)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_cross_vit_qkv_slots_are_query_key_value_slots(kind, weights):
+    """The Keras slot of each of query/key/value is torch's fused qkv slot split by hand;
+    SGD's velocity is -lr x torch's momentum buffer (shared/training_state.py)."""
+    net, optimizer = _torch_stepped(kind, weights)
+    state = torch_weights.export_training_state(net, optimizer, np.float32)
+    tf_net = tf_model.build_model("vit", NUM_CLASSES)
+    tf_optimizer = _keras_optimizer(kind)
+    tf_weights.import_training_state(tf_net, tf_optimizer, state)
+    attn = tf_net.base.blocks.blocks[1].attn
+    parts = (attn.query_dense, attn.key_dense, attn.value_dense)
+    lr = float(np.asarray(tf_optimizer.learning_rate))
+    if kind == "sgd":
+        lists = {"momentum_buffer": (tf_optimizer.momentums, -lr)}
+    else:
+        lists = {"exp_avg": (tf_optimizer._momentums, 1.0),
+                 "exp_avg_sq": (tf_optimizer._velocities, 1.0)}
+    for name, (slots, scale) in lists.items():
+        fused = state.slots[name]["base.blocks.1.attn.qkv.weight"].astype(np.float64) * scale
+        for dense, want in zip(parts, _keras_parts_by_hand(fused)):
+            got = np.asarray(slots[tf_optimizer._get_variable_index(dense.kernel)])
+            assert np.array_equal(got, want.astype(np.float32)), f"{name} {dense.name}"
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_keras_vit_training_state_refuses_part_of_qkv_trainable_one_line(built):
+    net = tf_model.build_model("vit", NUM_CLASSES)
+    net.base.blocks.blocks[0].attn.key_dense.trainable = False
+    optimizer = _keras_optimizer("sgd")
+    if built:
+        optimizer.build(net.trainable_variables)
+    with pytest.raises(ValueError, match=r"^training state: key 'base\.blocks\.0\.attn\.qkv"
+                                         r"\.weight' joins 3 Keras variables .* updates 2"):
+        tf_weights.export_training_state(net, optimizer)

@@ -181,26 +181,57 @@ def _slot_variables(optimizer, kind: str) -> list[list]:
     return [optimizer._momentums, optimizer._velocities]
 
 
-def _single_variables(model) -> dict[str, tuple[keras.Variable, str]]:
-    """:func:`_variables` for training states, which map one key to one Keras variable."""
-    variables = _variables(model)
-    for key, (_, kind) in variables.items():
-        if kind in _FUSED:
-            raise ValueError(f"training state: key {key!r} joins several Keras variables "
-                             f"(MultiHeadAttention query/key/value): no training state for "
-                             f"this model yet")
-    return variables
+def _parts(var, kind: str) -> tuple:
+    """The Keras variables of one canonical key: three for a fused kind (query, key, value),
+    else one."""
+    return tuple(var) if kind in _FUSED else (var,)
 
 
-def _optimized(model, optimizer) -> list[tuple[str, object, str, int]]:
-    """``(canonical key, variable, layout kind, optimizer index)`` of every updated variable."""
+def _keras_layout(value: np.ndarray, layout: str, dtype, shape=None) -> np.ndarray:
+    return np.ascontiguousarray(_from_canonical(value, layout, shape), dtype=dtype)
+
+
+def _keras_values(value: np.ndarray, parts: tuple, kind: str) -> list[np.ndarray]:
+    """A canonical value as the values of the key's Keras variables ``parts``
+    (:func:`_parts`), in their layouts and dtypes; a fused key's split as its weights are."""
+    split = _from_canonical(np.asarray(value), kind, parts[0].shape)
+    split = split if kind in _FUSED else (split,)
+    return [np.ascontiguousarray(v, dtype=part.dtype) for v, part in zip(split, parts)]
+
+
+def _canonical_value(values: list, kind: str, dtype) -> np.ndarray:
+    """Inverse of :func:`_keras_values`: the Keras values of one key, fused when they are
+    several."""
+    values = [np.asarray(v, dtype) for v in values]
+    return _to_canonical(tuple(values) if kind in _FUSED else values[0], kind)
+
+
+def _updated_whole(key: str, parts: int, updated: int) -> bool:
+    """Whether the optimizer updates ``key`` (``updated`` of its ``parts`` Keras variables):
+    all or none, else one line naming it."""
+    if updated and updated != parts:
+        raise ValueError(f"training state: key {key!r} joins {parts} Keras variables "
+                         f"(MultiHeadAttention query/key/value), of which the optimizer "
+                         f"updates {updated}: freeze them together")
+    return bool(updated)
+
+
+def _optimized(model, optimizer) -> list[tuple[str, tuple, str, tuple[int, ...]]]:
+    """``(canonical key, its variables, layout kind, their optimizer indices)`` of every
+    updated key. A fused key (``attn.qkv``: query, key, value) is updated whole or not at
+    all: one canonical slot cannot hold a part trained and a part frozen."""
     out = []
-    for key, (var, layout) in _single_variables(model).items():
-        try:
-            out.append((key, var, layout, optimizer._get_variable_index(var)))
-        except KeyError:
-            continue  # not one the optimizer updates (frozen, or a BN statistic)
-    if len(out) != len(optimizer._trainable_variables):
+    for key, (var, layout) in _variables(model).items():
+        parts = _parts(var, layout)
+        indices = []
+        for part in parts:
+            try:
+                indices.append(optimizer._get_variable_index(part))
+            except KeyError:
+                continue  # not one the optimizer updates (frozen, or a BN statistic)
+        if _updated_whole(key, len(parts), len(indices)):
+            out.append((key, parts, layout, tuple(indices)))
+    if sum(len(parts) for _, parts, *_ in out) != len(optimizer._trainable_variables):
         raise ValueError("training state: the optimizer updates variables that are not "
                          "weights of the model")
     return out
@@ -219,7 +250,8 @@ def _hyper(optimizer, kind: str) -> dict[str, float]:
 
 def training_variables(model, optimizer=None) -> list:
     """Every Keras variable a training state sets, in :func:`training_state_values` order:
-    the model's weights, the optimizer's slot variables, ``iterations``.
+    the model's weights (a fused key's query, key, value in turn), the optimizer's slot
+    variables (per updated key, per slot, per part), ``iterations``.
 
     Builds the optimizer (``None``: ``model.optimizer``) on ``model.trainable_variables``
     if it is not built yet.
@@ -228,8 +260,10 @@ def training_variables(model, optimizer=None) -> list:
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
     lists = _slot_variables(optimizer, _optimizer_kind(optimizer))
-    slots = [variables[index] for *_, index in _optimized(model, optimizer) for variables in lists]
-    return [var for var, _ in _single_variables(model).values()] + slots + [optimizer.iterations]
+    slots = [variables[index] for *_, indices in _optimized(model, optimizer)
+             for variables in lists for index in indices]
+    weights = [part for var, layout in _variables(model).values() for part in _parts(var, layout)]
+    return weights + slots + [optimizer.iterations]
 
 
 def training_state_values(model, optimizer, state: TrainingState,
@@ -247,15 +281,15 @@ def training_state_values(model, optimizer, state: TrainingState,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    variables = _single_variables(model)
+    variables = _variables(model)
     check_tensors(state.tensors, canonical_shapes(model), where, FLOAT32_OR_64)
-    check_holdable(state.tensors, next(iter(variables.values()))[0].dtype, where)
-    values = [_keras_layout(state.tensors[key], layout, var.dtype, var.shape)
-              for key, (var, layout) in variables.items()]
+    check_holdable(state.tensors, _parts(*next(iter(variables.values())))[0].dtype, where)
+    values = [value for key, (var, layout) in variables.items()
+              for value in _keras_values(state.tensors[key], _parts(var, layout), layout)]
     lists = _slot_variables(optimizer, kind)
     # SGD: v = -lr * b, one float64 rounding (b came from v / -lr: v exactly again)
     scale = -_learning_rate(optimizer) if kind == "sgd" else 1.0
-    for key, var, layout, index in optimized:
+    for key, parts, layout, _ in optimized:
         held = {name: state.slots[name][key] for name in OPTIMIZER_SLOTS[kind]
                 if key in state.slots.get(name, {})}
         if kind == "adam" and state.step > 0 and not held:
@@ -264,17 +298,16 @@ def training_state_values(model, optimizer, state: TrainingState,
         if held and len(held) != len(OPTIMIZER_SLOTS[kind]):
             raise ValueError(f"{where}: key {key!r}: has {sorted(held)} but not every "
                              f"{kind} slot ({', '.join(OPTIMIZER_SLOTS[kind])})")
-        shape = _to_canonical(np.zeros(var.shape, np.float32), layout).shape
+        shape = _shape(parts if layout in _FUSED else parts[0], layout)
         for name in OPTIMIZER_SLOTS[kind][:len(lists)]:
             value = held.get(name)
             if value is None:  # no state yet: Keras's own start, zeros
-                values.append(np.zeros(var.shape, var.dtype))
+                values.extend(np.zeros(part.shape, part.dtype) for part in parts)
                 continue
             if value.shape != shape:
                 raise ValueError(f"{where}: slot {name!r} key {key!r}: shape expected "
                                  f"{shape}, got {value.shape}")
-            values.append(_keras_layout(np.asarray(value, np.float64) * scale, layout, var.dtype,
-                                        var.shape))
+            values.extend(_keras_values(np.asarray(value, np.float64) * scale, parts, layout))
     values.append(np.asarray(state.step, "int64"))
     return values
 
@@ -284,10 +317,11 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
     """Inverse of :func:`training_state_values`: the canonical state these values hold."""
     optimizer = optimizer if optimizer is not None else model.optimizer
     kind = _optimizer_kind(optimizer)
-    variables = _single_variables(model)
-    values = list(values)
-    tensors = {key: _to_canonical(np.asarray(value, dtype), layout)
-               for (key, (_, layout)), value in zip(variables.items(), values)}
+    rest = iter(values)
+    tensors = {}
+    for key, (var, layout) in _variables(model).items():
+        parts = [next(rest) for _ in _parts(var, layout)]
+        tensors[key] = _canonical_value(parts, layout, dtype)
     lists = _slot_variables(optimizer, kind)
     names = OPTIMIZER_SLOTS[kind][:len(lists)]
     slots = {name: {} for name in names}
@@ -295,20 +329,15 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
     # (float64 ones come back within one unit in the last place: a float64 b cannot hold
     # every float64 v divided by a float32 learning rate)
     divisor = -_learning_rate(optimizer) if kind == "sgd" else 1.0
-    rest = iter(values[len(variables):])
     optimized = _optimized(model, optimizer)
-    for key, _, layout, _ in optimized:
+    for key, parts, layout, _ in optimized:
         for name in names:
-            value = np.asarray(next(rest), np.float64)
-            slots[name][key] = _to_canonical(value / divisor, layout).astype(dtype)
+            held = [np.asarray(next(rest), np.float64) / divisor for _ in parts]
+            slots[name][key] = _canonical_value(held, layout, np.float64).astype(dtype)
     step = int(next(rest))
     return TrainingState(tensors, kind, {n: v for n, v in slots.items() if v}, step,
                          _hyper(optimizer, kind),
-                         [key for key, *_ in sorted(optimized, key=lambda item: item[3])])
-
-
-def _keras_layout(value: np.ndarray, layout: str, dtype, shape=None) -> np.ndarray:
-    return np.ascontiguousarray(_from_canonical(value, layout, shape), dtype=dtype)
+                         [key for key, *_ in sorted(optimized, key=lambda item: min(item[3]))])
 
 
 def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingState:
@@ -322,8 +351,9 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
         kind = _optimizer_kind(optimizer)
         trainable = {id(var) for var in model.trainable_variables}
         return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind),
-                             [key for key, (var, _) in _single_variables(model).items()
-                              if id(var) in trainable])
+                             [key for key, (var, layout) in _variables(model).items()
+                              if _updated_whole(key, len(_parts(var, layout)),
+                                                sum(id(p) in trainable for p in _parts(var, layout)))])
     values = [keras.ops.convert_to_numpy(v) for v in training_variables(model, optimizer)]
     return training_state_from_values(model, optimizer, values, dtype)
 
