@@ -14,7 +14,7 @@ from torch import nn
 from shared.archs import TinyConvConfig, arch_config
 
 __all__ = ["ConvBlock", "TinyConvBase", "Head", "FineTuneModel", "build_model", "default_norm_layer",
-           "named_leaves", "is_batch_norm"]
+           "named_leaves", "HeldTensor", "is_batch_norm"]
 
 
 def default_norm_layer(config, cls=nn.BatchNorm2d) -> Callable[[int], nn.Module]:
@@ -108,11 +108,36 @@ class FineTuneModel(nn.Module):
         return self
 
 
+class HeldTensor:
+    """A parameter held directly by a module that has children (timm's ``cls_token`` and
+    ``pos_embed`` on the ``VisionTransformer``), as a leaf of its own: canonical key = path,
+    as Keras's ``tf_impl.vit.Weight`` layer. ``requires_grad_`` sets that tensor only (the
+    owner's would recurse into every child)."""
+
+    def __init__(self, owner: nn.Module, name: str):
+        self.owner, self.name = owner, name
+
+    @property
+    def tensor(self) -> nn.Parameter:
+        return getattr(self.owner, self.name)
+
+    def parameters(self, recurse: bool = True):
+        return iter([self.tensor])
+
+    def requires_grad_(self, requires_grad: bool = True) -> HeldTensor:
+        self.tensor.requires_grad_(requires_grad)
+        return self
+
+
 def named_leaves(module: nn.Module, prefix: str = ""):
-    """``(canonical path, module)`` for every weighted leaf module under ``module``."""
+    """``(canonical path, module)`` for every weighted leaf module under ``module``, and
+    ``(path, HeldTensor)`` for every parameter a non-leaf module holds itself (none in
+    tinyconv or resnet18), so every parameter is reached."""
     for name, child in module.named_modules(prefix=prefix):
-        if not list(child.children()) and (list(child.parameters(recurse=False))
-                                           or list(child.buffers(recurse=False))):
+        if list(child.children()):
+            for key, _ in child.named_parameters(recurse=False):
+                yield (f"{name}.{key}" if name else key), HeldTensor(child, key)
+        elif list(child.parameters(recurse=False)) or list(child.buffers(recurse=False)):
             yield name, child
 
 
