@@ -118,6 +118,25 @@ def arch_config(arch: str):
     raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(ARCHS)}")
 
 
+def verdict_config(arch: str):
+    """The config the lockstep and float64 verdict runs of ``arch`` build; free runs build
+    :func:`arch_config`.
+
+    vit: dropout, attention dropout and drop-path rates 0 (``dataclasses.replace``). Their
+    masks are drawn by each framework's own generator, so a Keras step from torch's state
+    cannot take torch's masks: with them on, one step's difference is the masks', not the
+    frameworks' arithmetic. Zeroed, the training-mode step is deterministic and the sharp
+    one-step and float64 verdicts apply; that freezing leaves dropout on (train != eval) is
+    measured on the free runs, which keep the rates. tinyconv and resnet18 have no dropout
+    in the base: their config unchanged.
+    """
+    import dataclasses
+
+    config = arch_config(arch)
+    if isinstance(config, ViTConfig):
+        return dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, drop_path=0.0)
+    return config
+
 def _down(size: int, stride: int) -> int:
     return -(-size // stride)  # 3x3 (or 7x7) padded convolutions and pools: ceil(size / stride)
 

@@ -421,3 +421,27 @@ def test_keras_vit_training_state_refuses_part_of_qkv_trainable_one_line(built):
     with pytest.raises(ValueError, match=r"^training state: key 'base\.blocks\.0\.attn\.qkv"
                                          r"\.weight' joins 3 Keras variables .* updates 2"):
         tf_weights.export_training_state(net, optimizer)
+
+
+# --------------------------------------------------------------------------- #
+# the verdict config: dropout, attention dropout and drop-path off
+# --------------------------------------------------------------------------- #
+def test_cross_vit_verdict_config_training_mode_deterministic_and_agrees(weights):
+    from shared.archs import verdict_config
+
+    config = verdict_config("vit")
+    assert (config.dropout, config.attention_dropout, config.drop_path) == (0.0, 0.0, 0.0)
+    assert dataclasses.replace(config, dropout=CONFIG.dropout, drop_path=CONFIG.drop_path,
+                               attention_dropout=CONFIG.attention_dropout) == CONFIG
+    torch_net = torch_model.build_model("vit", NUM_CLASSES, config=config)
+    tf_net = tf_model.build_model("vit", NUM_CLASSES, config=config)
+    torch_weights.import_weights(torch_net, weights)
+    tf_weights.import_weights(tf_net, weights)
+    x = _images_nchw(BATCH, seed=5)
+    torch_net.train()
+    first, second = _torch_features(torch_net, x), _torch_features(torch_net, x)
+    assert _gap(first, second) == 0.0
+    keras_train = np.asarray(tf_net.base(_nhwc(x), training=True))
+    assert _gap(keras_train, np.asarray(tf_net.base(_nhwc(x), training=False))) == 0.0
+    bound = FORWARD_ATOL + FORWARD_RTOL * np.abs(first)
+    assert (np.abs(keras_train - first) <= bound).all(), _gap(keras_train, first)

@@ -149,13 +149,13 @@ def is_batch_norm(module) -> bool:
 
 def build_model(arch: str, num_classes: int, *, head_dropout: float = 0.0,
                 norm_layer: Callable[[int], nn.Module] | None = None,
-                dtype: str = "float32") -> FineTuneModel:
+                dtype: str = "float32", config=None) -> FineTuneModel:
     """A base of ``arch`` plus a new head of ``num_classes`` logits (NCHW input).
 
     ``dtype="float64"`` converts every parameter and buffer (used to show that
     cross-framework differences are float32 rounding, not different maths).
     """
-    config = arch_config(arch)
+    config = config if config is not None else arch_config(arch)  # e.g. verdict_config(arch)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if dtype not in ("float32", "float64"):
