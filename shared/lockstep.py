@@ -260,8 +260,8 @@ def _batch_statistics_keys(strategy: str, keys) -> set[str]:
     batch-statistics strategies that is every base tensor (the last block's BN
     included); the head sits after the last BN.
     """
-    if get_strategy(strategy).bn_mode != "batch":
-        return set()
+    if get_strategy(strategy).bn_mode != "batch" or not bn_prefixes(keys):
+        return set()  # no BatchNorm in the model (vit): no batch-statistics backward
     return {k for k in keys if k.startswith("base.")}
 
 
