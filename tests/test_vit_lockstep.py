@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch  # before TensorFlow
@@ -18,12 +20,12 @@ from torch_impl import weights as torch_weights
 NUM_CLASSES, BATCH, LR, MOMENTUM = 5, 8, 0.01, 0.9
 
 
-def _step(setup: str, dtype: str = "float32"):
+def _step(setup: str, dtype: str = "float32", keras_config=None):
     import keras
 
     config = verdict_config("vit")
     t_net = torch_model.build_model("vit", NUM_CLASSES, config=config, dtype=dtype)
-    k_net = tf_model.build_model("vit", NUM_CLASSES, config=config, dtype=dtype)
+    k_net = tf_model.build_model("vit", NUM_CLASSES, config=keras_config or config, dtype=dtype)
     torch_weights.import_weights(t_net, canonical_init(torch_weights.canonical_shapes(t_net), 0))
     if setup == "head":
         t_net.base.requires_grad_(False)
@@ -69,3 +71,14 @@ def test_cross_vit_verdict_one_sgd_step_within_lockstep_bounds(setup, dtype, rec
     worst = max(checks, key=lambda c: c.ratio)
     record_property(f"worst_ratio_{setup}_{dtype}", worst.ratio)
     assert not worst.outside, worst.describe()
+
+
+@pytest.mark.parametrize("change", ["layer_norm_epsilon", "dropout"])
+def test_cross_vit_verdict_seeded_keras_difference_leaves_lockstep_bound(change):
+    """Keras's default LayerNorm epsilon (1e-3), or dropout left on in Keras only."""
+    config = verdict_config("vit")
+    keras_config = (dataclasses.replace(config, layer_norm_epsilon=1e-3)
+                    if change == "layer_norm_epsilon" else dataclasses.replace(config, dropout=0.1))
+    checks = _step("full", "float32", keras_config)
+    worst = max(checks, key=lambda c: c.ratio)
+    assert worst.outside, f"{change}: every check within its bound ({worst.describe()})"
