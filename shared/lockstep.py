@@ -91,7 +91,8 @@ def step_bounds(dtype: str = "float32", config: RunConfig | None = None) -> Step
 
     config = config or RunConfig(dtype=dtype)
     reductions = tuple(sorted(bn_reduction_sizes(config.arch, config.batch_size).items()))
-    momentum = arch_config(config.arch).bn_momentum
+    # no BatchNorm (vit): no statistic to bound, momentum 0
+    momentum = getattr(arch_config(config.arch), "bn_momentum", 0.0)
     if dtype == "float64":
         return StepBounds("LOCKSTEP_FLOAT64", tol.LOCKSTEP_FLOAT64_LOSS_ATOL,
                           tol.LOCKSTEP_FLOAT64_LOSS_RTOL, tol.LOCKSTEP_ULPS,
