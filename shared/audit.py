@@ -112,6 +112,28 @@ HAZARDS: dict[str, HazardKind] = {
         "eval mode at the next train()) and now trains or runs on batch statistics",
         "re-apply the freeze after converting (requires_grad_(False) and the eval() pin), or "
         "convert only the part that trains (e.g. convert_sync_batchnorm(model.head))"),
+    "TORCH_LORA_BASE_TRAINABLE": HazardKind(
+        "torch",
+        "a LoRA-wrapped layer (PEFT) whose base weight still has requires_grad=True: the "
+        "optimizer updates the full weight beside the adapter, which is full fine-tuning, not "
+        "LoRA",
+        "freeze the base: base_layer.weight.requires_grad_(False) (PEFT's get_peft_model does "
+        "it; after inject_adapter_in_model or a later requires_grad_(True) on the model, "
+        "re-freeze every parameter but lora_A / lora_B)"),
+    "KERAS_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN": HazardKind(
+        "tf",
+        "stochastic depth (a DropPath / StochasticDepth layer, parameter-free) inside a "
+        "trainable=False part still drops residual branches under fit: trainable does not "
+        "switch it off",
+        "call the frozen part with training=False from a wrapper Layer or a subclassed "
+        "model's call(), or build it with a drop-path rate of 0"),
+    "KERAS_LORA_BASE_TRAINABLE": HazardKind(
+        "tf",
+        "a layer with enable_lora whose base kernel is trainable again (enable_lora sets "
+        "kernel.trainable = False once; a later per-variable unfreeze, v.trainable = True for "
+        "every weight, undoes it): fit updates the full kernel beside the adapter",
+        "set layer._kernel.trainable = False again after any trainable change (enable_lora "
+        "freezes it once), or set trainable per variable"),
     "KERAS_BN_FROZEN_BATCH_STATS": HazardKind(
         "tf",
         "a BatchNormalization with trainable=False still normalises with batch statistics in "

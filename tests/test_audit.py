@@ -554,3 +554,73 @@ def test_audit_cli_bad_target_exits_2_one_line_without_traceback(in_repo):
     assert bad.stderr.count("\n") == 1, bad.stderr
     assert "factory raised RuntimeError" in bad.stderr
     assert cli("audit", f"{FACTORIES}:naive_torch").returncode == 1
+
+
+# --- transformer bases: dropout / drop-path in a frozen ViT, LoRA with a trainable base ---
+@pytest.fixture(scope="module")
+def vit_nets():
+    return torch_build("vit", CLASSES), tf_build("vit", CLASSES)
+
+
+def test_audit_torch_frozen_vit_dropout_and_drop_path_flagged_then_pinned_not(vit_nets):
+    net = vit_nets[0]
+    net.base.requires_grad_(False)
+    codes = torch_audit.audit(net).codes()
+    assert {"TORCH_DROPOUT_ACTIVE_IN_FROZEN", "TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN"} <= set(
+        codes), codes
+    net.pin_inference(["base"])
+    try:
+        assert torch_audit.audit(net).ok, torch_audit.audit(net).hazard_lines()
+    finally:
+        net.pin_inference([])
+        net.base.requires_grad_(True)
+
+
+def test_audit_tf_frozen_vit_dropout_and_drop_path_flagged_then_training_false_not(vit_nets):
+    net = vit_nets[1]
+    x = np.zeros((1, 32, 32, 3), "float32")
+    net(x)
+    net.base.trainable = False
+    try:
+        codes = tf_audit.audit(net).codes()
+        assert {"KERAS_DROPOUT_ACTIVE_IN_FROZEN",
+                "KERAS_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN"} <= set(codes), codes
+
+        class Wrapped(keras.Model):  # the base called with training=False from call()
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def call(self, x, training=None):
+                return self.inner.head(self.inner.base(x, training=False), training=training)
+
+        wrapped = Wrapped(net)
+        wrapped(x)
+        report = tf_audit.audit(wrapped)
+        assert report.ok, report.hazard_lines()
+    finally:
+        net.base.trainable = True
+
+
+def test_audit_torch_lora_base_trainable_flagged_and_frozen_base_not():
+    from torch_impl import lora as torch_lora
+
+    net = torch_lora.add_lora(torch_build("vit", CLASSES), rank=2, alpha=4.0)
+    assert "TORCH_LORA_BASE_TRAINABLE" not in torch_audit.audit(net).codes()
+    net.base.requires_grad_(True)  # the trap: a later blanket unfreeze
+    hazard = next(h for h in torch_audit.audit(net).hazards
+                  if h.code == "TORCH_LORA_BASE_TRAINABLE")
+    assert hazard.layers[0] == "base.blocks.0.attn.q"
+
+
+def test_audit_tf_lora_base_trainable_flagged_and_frozen_base_not():
+    from tf_impl import lora as tf_lora
+
+    net = tf_build("vit", CLASSES)
+    net(np.zeros((1, 32, 32, 3), "float32"))
+    tf_lora.add_lora(net, rank=2, alpha=4.0)
+    assert "KERAS_LORA_BASE_TRAINABLE" not in tf_audit.audit(net).codes()
+    for variable in net.base.weights:  # the trap: a blanket per-variable unfreeze
+        variable.trainable = True
+    hazard = next(h for h in tf_audit.audit(net).hazards if h.code == "KERAS_LORA_BASE_TRAINABLE")
+    assert "query" in hazard.layers[0], hazard.layers

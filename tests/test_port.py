@@ -486,3 +486,37 @@ def test_port_deep_scale_tolerance_forgives_rounding_on_large_outputs_only():
     (row,) = divergence([pair], {"a": small + [[0, 0, 2e-4]]}, {"a": small}, atol, rtol,
                         scale_rtol)
     assert not row.within
+
+
+# --------------------------------------------------------------------------- #
+# transformer layers: attention units, class tokens, LayerNorm on tokens, LoRA
+# --------------------------------------------------------------------------- #
+def test_cross_port_project_vit_ports_with_no_finding():
+    """tf_impl/vit.py against timm's VisionTransformer (torch_impl/vit.py): every tensor
+    pairs (tokens, patch conv, per block norm1 / attention / norm2 / fc1 / fc2, the final
+    norm, the head), dropout and DropPath matched by place and rate, one step agrees."""
+    from tf_impl import model as tf_model
+    from torch_impl import model as torch_model
+
+    torch_net, keras_net = torch_model.build_model("vit", 5), tf_model.build_model("vit", 5)
+    report = check_port(keras_net, torch_net, input_shape=(32, 32, 3), steps=1,
+                        transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    kinds = [kind for _, _, kind in report.pairs]
+    assert (len(kinds), kinds.count("attention"), kinds.count("token"),
+            kinds.count("layernorm")) == (25, 4, 2, 9)
+    assert ("base.blocks.0.attn", "base.blocks.0.attn", "attention") in report.pairs
+
+
+def test_cross_port_keras_mha_against_nn_multihead_attention_no_finding():
+    report = _check(pp.attention_keras(), pp.attention_torch(), transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    assert ("attn", "attn", "attention") in report.pairs
+
+
+def test_cross_port_keras_lora_dense_against_peft_lora_linear_no_finding():
+    """Base kernel and adapter paired apart: lora_A / lora_B transferred and trained, the
+    base kernel frozen on both sides, one step agrees tensor by tensor."""
+    report = _check(pp.lora_keras(), pp.lora_torch(), transfer_from="torch")
+    assert report.ok, report.finding_lines()
+    assert ("hidden", "hidden", "dense") in report.pairs

@@ -79,6 +79,12 @@ SEEDED = {
     "PORT_OPTIMIZER_KIND": ("good_keras_sgd", "good_torch_adam", T, "(optimizer)", False),
     "PORT_OPTIMIZER_SETTINGS": ("good_keras_sgd", "good_torch_sgd_lr3x", T, "(optimizer)",
                                 False),
+    "PORT_ATTENTION_HEADS": ("attention_four_heads_keras", "attention_torch", T, "attn", False),
+    "PORT_ATTENTION_BIAS": ("attention_no_bias_keras", "attention_torch", T, "attn", False),
+    "PORT_LORA_MISSING": ("lora_none_keras", "lora_torch", T, "hidden", False),
+    "PORT_LORA_RANK": ("lora_rank4_keras", "lora_torch", T, "hidden", False),
+    "PORT_LORA_SCALE": ("lora_alpha_default_keras", "lora_torch", T, "hidden", False),
+    "PORT_LORA_DROPOUT": ("lora_keras", "lora_dropout_torch", T, "hidden", False),
     "PORT_BN_VARIANCE_CONVENTION": ("good_keras", "good_torch", T, "bn", False),
     "PORT_STEP_LOSS": ("same_padding_stride1_keras", "good_torch", T, "(model)", True),
 }

@@ -40,6 +40,17 @@ _BATCH_NORM = keras.layers.BatchNormalization
 _DROPOUT = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
             keras.layers.GaussianNoise)
 _PROBE_BATCH = 2
+# parameter-free stochastic depth, known by name: the project's ViT DropPath (tf_impl/vit.py),
+# keras.applications.convnext's StochasticDepth
+_STOCHASTIC_DEPTH_NAMES = ("DropPath", "StochasticDepth")
+
+
+def _is_stochastic_depth(layer) -> bool:
+    return type(layer).__name__ in _STOCHASTIC_DEPTH_NAMES and not layer.weights
+
+
+def _depth_rate(layer) -> float:
+    return float(getattr(layer, "rate", getattr(layer, "drop_path_rate", 0.0)) or 0.0)
 
 
 def _children(layer):
@@ -172,8 +183,10 @@ def _frozen_part(layer, ancestors: tuple, effective: set[int]) -> bool:
 def _rows(model, tree, effective: set[int]):
     """Rows, plus the notes that say how the training values were obtained."""
     leaves = [(p, layer, a) for p, layer, a in tree if _is_leaf(layer)
-              and (isinstance(layer, (_BATCH_NORM,) + _DROPOUT) or layer.weights)]
-    modal = [layer for _, layer, _ in leaves if isinstance(layer, (_BATCH_NORM,) + _DROPOUT)]
+              and (isinstance(layer, (_BATCH_NORM,) + _DROPOUT) or layer.weights
+                   or _is_stochastic_depth(layer))]
+    modal = [layer for _, layer, _ in leaves if isinstance(layer, (_BATCH_NORM,) + _DROPOUT)
+             or _is_stochastic_depth(layer)]
     seen, why = _training_seen(model, modal)
     notes = []
     if seen is None:
@@ -193,6 +206,9 @@ def _rows(model, tree, effective: set[int]):
             rows.append(LayerRow(path, kind, params, "batch" if batch else "stored", updates, None))
         elif isinstance(layer, _DROPOUT):
             rows.append(LayerRow(path, kind, params, "-", None, training and _drop_rate(layer) > 0))
+        elif _is_stochastic_depth(layer):
+            rows.append(LayerRow(path, kind, params, "-", None,
+                                 training and _depth_rate(layer) > 0))
         else:
             rows.append(LayerRow(path, kind, params, "-", None, None))
     return leaves, rows, notes
@@ -289,13 +305,21 @@ def audit(model, optimizer=None) -> AuditReport:
     explained = {p for h in hazards for p in h.layers}
     bn_batch = [row.name for row in rows
                 if row.norm_mode == "batch" and row.params_trainable == "none"]
-    dropout = [row.name for (_, layer, ancestors), row in zip(leaves, rows)
-               if row.dropout_active and row.name not in explained
-               and _frozen_part(layer, ancestors, effective)]
+    dropping = [(layer, row) for (_, layer, ancestors), row in zip(leaves, rows)
+                if row.dropout_active and row.name not in explained
+                and _frozen_part(layer, ancestors, effective)]
+    dropout = [row.name for layer, row in dropping if not _is_stochastic_depth(layer)]
+    depth = [row.name for layer, row in dropping if _is_stochastic_depth(layer)]
+    lora = [path for path, layer, _ in tree if getattr(layer, "lora_enabled", False)
+            and id(layer._kernel) in effective]
     if bn_batch:
         hazards.append(make_hazard("KERAS_BN_FROZEN_BATCH_STATS", bn_batch))
     if dropout:
         hazards.append(make_hazard("KERAS_DROPOUT_ACTIVE_IN_FROZEN", dropout))
+    if depth:
+        hazards.append(make_hazard("KERAS_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN", depth))
+    if lora:
+        hazards.append(make_hazard("KERAS_LORA_BASE_TRAINABLE", lora))
     hazards.extend(_optimizer_hazards(model, optimizer, tree))
     hazards.extend(_replica_hazards(model, leaves, rows))
     return AuditReport("tf", rows, hazards, notes)

@@ -156,6 +156,15 @@ def _vector(value) -> list[float]:
 def _record(path, layer, in_shape, out_shape) -> Leaf | None:
     cls = type(layer).__name__
     out = _canonical_shape(out_shape)
+    if isinstance(layer, _MHA):
+        return _attention_record(path, layer, in_shape, out_shape)
+    if _is_token_layer(layer):
+        shape = tuple(int(d) for d in layer.tensor.shape)
+        return Leaf(path, "token", cls, {"features": shape[-1]}, {"weight": shape}, shape[1:],
+                    layer)
+    if cls == _DROP_PATH and hasattr(layer, "rate"):
+        return Leaf(path, "dropout", cls, {"rate": float(layer.rate), "mode": "row"}, {}, out,
+                    layer)
     if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and not isinstance(
             layer, (keras.layers.Conv2DTranspose, keras.layers.SeparableConv2D)):
         return _conv_record(path, layer, in_shape, out_shape)
@@ -164,10 +173,14 @@ def _record(path, layer, in_shape, out_shape) -> Leaf | None:
         if layer.use_bias:
             shapes["bias"] = tuple(layer.bias.shape)
         fused, fused_params = _activation_name(layer.activation)
-        return Leaf(path, "dense", cls, {"bias": bool(layer.use_bias), "flatten_from": None,
-                                         "fused_activation": fused,
-                                         "fused_activation_params": fused_params},
-                    shapes, out, layer)
+        params = {"bias": bool(layer.use_bias), "flatten_from": None,
+                  "fused_activation": fused, "fused_activation_params": fused_params}
+        if getattr(layer, "lora_enabled", False):  # the base kernel and the adapter, apart
+            rank = int(layer.lora_rank)
+            shapes.update(lora_A=(rank, shapes["weight"][1]), lora_B=(shapes["weight"][0], rank))
+            params.update(lora_rank=rank, lora_scale=float(layer.lora_alpha) / rank,
+                          lora_dropout=0.0)
+        return Leaf(path, "dense", cls, params, shapes, out, layer)
     if isinstance(layer, _BN):
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
         if axis not in (-1, len(in_shape) - 1):
@@ -240,8 +253,9 @@ def _record(path, layer, in_shape, out_shape) -> Leaf | None:
         return Leaf(path, "activation", cls, {"name": "softmax"}, {}, out, layer)
     if layer.weights:
         raise PortError(f"keras layer {path!r} ({cls}) has weights but no port mapping "
-                        "(supported: Conv2D, DepthwiseConv2D, Dense, BatchNormalization, "
-                        "LayerNormalization, LayerScale, Rescaling, Normalization)")
+                        "(supported: Conv2D, DepthwiseConv2D, Dense (LoRA too), "
+                        "BatchNormalization, LayerNormalization, MultiHeadAttention, LayerScale, "
+                        "Rescaling, Normalization, a (1, T, E) token)")
     return None
 
 
@@ -266,7 +280,7 @@ def _spied(layers, on_call, dropout_off: bool = False,
             finally:
                 if activation is not None:
                     object.__setattr__(layer, "activation", activation)
-            on_call(layer, args[0] if args else next(iter(kwargs.values())), output)
+            on_call(layer, args[0] if args else next(iter(kwargs.values()), None), output)
             return output if activation is None else activation(output)
         return call
 
@@ -280,8 +294,14 @@ def _spied(layers, on_call, dropout_off: bool = False,
 
 
 def _is_dropout(layer) -> bool:
-    """Dropout, SpatialDropout2D, or keras.applications.convnext's StochasticDepth."""
-    return isinstance(layer, _DROPOUT) or type(layer).__name__ == _STOCHASTIC_DEPTH
+    """Dropout, SpatialDropout2D, keras.applications.convnext's StochasticDepth, or the ViT's
+    DropPath (a MultiHeadAttention's own Dropout included: every layer is looked at)."""
+    return isinstance(layer, _DROPOUT) or type(layer).__name__ in (_STOCHASTIC_DEPTH,
+                                                                   _DROP_PATH)
+
+
+def _dropout_layers(model) -> list:
+    return [layer for _, layer, _ in _tree(model) if _is_dropout(layer)]
 
 
 def _numpy(variable) -> np.ndarray:
@@ -301,9 +321,58 @@ def _variables_kept(model, trainable_too: bool = True) -> Iterator[None]:
             v.assign(value)
 
 
+_MHA = keras.layers.MultiHeadAttention
+# the project's ViT stochastic depth (tf_impl/vit.py), known by name like keras.applications'
+_DROP_PATH = "DropPath"
+
+
 def _leaf_layers(model):
-    return [(path, layer) for path, layer, _ in _tree(model)
-            if not layer._flatten_layers(include_self=False, recursive=False)]
+    """Leaf layers, with a MultiHeadAttention as one leaf (its sublayers left out)."""
+    return [(path, layer) for path, layer, ancestors in _tree(model)
+            if not any(isinstance(a, _MHA) for a in ancestors)
+            and (isinstance(layer, _MHA)
+                 or not layer._flatten_layers(include_self=False, recursive=False))]
+
+
+def _kernel(layer):
+    """The stored kernel: with LoRA on, Keras's ``kernel`` is kernel + (alpha / rank) A @ B."""
+    return layer._kernel if getattr(layer, "lora_enabled", False) else layer.kernel
+
+
+def _attention_record(path, layer, in_shape, out_shape) -> Leaf:
+    """MultiHeadAttention (self-attention on (N, T, E)) as one record."""
+    cls = type(layer).__name__
+    parts = (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
+    if len(in_shape) != 3 or layer._attention_axes not in (None, (1,), [1]):
+        raise PortError(f"keras layer {path!r} ({cls}): only attention over the tokens of an "
+                        f"(N, T, E) input has a port mapping (input {tuple(in_shape)})")
+    if layer.key_dim != layer.value_dim:
+        raise PortError(f"keras layer {path!r} ({cls}): key_dim {layer.key_dim} != value_dim "
+                        f"{layer.value_dim} has no fused (3E, E) in_proj")
+    lora = [d.name for d in parts if getattr(d, "lora_enabled", False)]
+    if lora:
+        raise PortError(f"keras layer {path!r} ({cls}): LoRA on {', '.join(lora)} has no port "
+                        "mapping (Keras's per-head adapter on query/key/value is no rank-r "
+                        "adapter of the E -> E map unless heads == 1; tests/test_lora.py)")
+    shapes = {"weight": to_canonical(tuple(np.zeros(tuple(_kernel(d).shape), np.float32)
+                                           for d in parts[:3]), "qkv_kernel").shape,
+              "out_weight": to_canonical(np.zeros(tuple(_kernel(parts[3]).shape), np.float32),
+                                         "attn_out").shape}
+    if layer._use_bias:
+        shapes["bias"] = (shapes["weight"][0],)
+        shapes["out_bias"] = (shapes["out_weight"][0],)
+    return Leaf(path, "attention", cls, {
+        "heads": int(layer.num_heads), "head_dim": int(layer.key_dim),
+        "bias": bool(layer._use_bias), "out_bias": bool(layer._use_bias),
+        "dropout": float(layer._dropout)}, shapes, _canonical_shape(out_shape), layer)
+
+
+def _is_token_layer(layer) -> bool:
+    """A layer holding one (1, T, E) weight and called without an input (tf_impl.vit.Weight:
+    timm's cls_token, pos_embed)."""
+    weights = layer.weights
+    return (len(weights) == 1 and len(weights[0].shape) == 3 and weights[0].shape[0] == 1
+            and hasattr(layer, "tensor"))
 
 
 def _shape(value) -> tuple:
@@ -436,7 +505,7 @@ def describe(model, probe: np.ndarray, what: str = "keras model") -> list[Leaf]:
         record.ref = layer
         records.append(record)
         order.append((index, tensor, out))
-        if graph_input is not None:
+        if graph_input is not None and tensor is not None:
             producers.setdefault(out.name, []).append((index, record.name))
     if graph_input is None:  # eager: call order only
         for record, previous in zip(records[1:], records):
@@ -445,9 +514,13 @@ def describe(model, probe: np.ndarray, what: str = "keras model") -> list[Leaf]:
         return records
     flow = _Dataflow(graph_input.name, producers)
     for record, (index, tensor, out) in zip(records, order):
-        record.sources, record.via_ops = flow.sources(tensor, before=index)
+        # a layer called without an input (a token) reads nothing
+        record.sources, record.via_ops = ((), False) if tensor is None else flow.sources(
+            tensor, before=index)
     # one order for layers and the operations that became records: graph creation order
-    keyed = [((out.op._id, index), r) for r, (index, _, out) in zip(records, order)]
+    # (a token's output is its variable: it comes where it was called)
+    keyed = [((getattr(getattr(out, "op", None), "_id", -1), index), r)
+             for r, (index, _, out) in zip(records, order)]
     keyed += [((op_record.ref._id, -1), op_record) for op_record in flow.raw.values()]
     records = [r for _, r in sorted(keyed, key=lambda item: item[0])]
     by_name = {r.name: r for r in records}
@@ -469,11 +542,25 @@ def _flatten_from(flatten: Leaf) -> tuple | None:
 
 
 def _variables(leaf: Leaf) -> dict[str, tuple[object, str]]:
+    """Canonical key -> (variable, layout kind); for a fused kind a tuple of variables."""
     layer = leaf.ref
+    if leaf.kind == "attention":
+        parts = (layer.query_dense, layer.key_dense, layer.value_dense)
+        out = {"weight": (tuple(_kernel(d) for d in parts), "qkv_kernel"),
+               "out_weight": (_kernel(layer.output_dense), "attn_out")}
+        if "bias" in leaf.shapes:
+            out["bias"] = (tuple(d.bias for d in parts), "qkv_bias")
+            out["out_bias"] = (layer.output_dense.bias, "vector")
+        return out
+    if leaf.kind == "token":
+        return {"weight": (layer.tensor, "vector")}
     if leaf.kind == "conv":
         out = {"weight": (layer.kernel, leaf.params["layout"])}
     elif leaf.kind == "dense":
-        out = {"weight": (layer.kernel, "dense")}
+        out = {"weight": (_kernel(layer), "dense")}
+        if "lora_A" in leaf.shapes:  # A (in, r) -> (r, in), B (r, out) -> (out, r)
+            out["lora_A"] = (layer.lora_kernel_a, "dense")
+            out["lora_B"] = (layer.lora_kernel_b, "dense")
     elif leaf.kind == "bn":
         out = {key: (var, "vector") for key, var in
                (("weight", layer.gamma), ("bias", layer.beta),
@@ -490,6 +577,23 @@ def _variables(leaf: Leaf) -> dict[str, tuple[object, str]]:
     return out
 
 
+def _value(var, dtype=np.float32):
+    """A variable's value (a tuple of values for a fused tuple of variables)."""
+    if isinstance(var, tuple):
+        return tuple(_numpy(v).astype(dtype) for v in var)
+    return _numpy(var).astype(dtype)
+
+
+def _var_shape(var) -> tuple:
+    """A variable's shape (a fused tuple's part shape: the parts have one shape)."""
+    return tuple((var[0] if isinstance(var, tuple) else var).shape)
+
+
+def _assign(var, value) -> None:
+    for v, x in (zip(var, value) if isinstance(var, tuple) else ((var, value),)):
+        v.assign(np.asarray(x).astype(v.dtype))
+
+
 def read_tensors(model, leaves: list[Leaf]) -> dict[str, dict[str, np.ndarray]]:
     """Canonical float32 tensors of each leaf (a Dense after Flatten also gets its rows
     as a plain transpose, ``weight_unpermuted``, so the lint can spot an unpermuted copy)."""
@@ -498,7 +602,7 @@ def read_tensors(model, leaves: list[Leaf]) -> dict[str, dict[str, np.ndarray]]:
         flatten_from = leaf.params.get("flatten_from")
         tensors = {}
         for key, (var, kind) in _variables(leaf).items():
-            value = _numpy(var).astype(np.float32)
+            value = _value(var)
             tensors[key] = to_canonical(value, kind, flatten_from if key == "weight" else None)
             if key == "weight" and flatten_from is not None:
                 tensors["weight_unpermuted"] = to_canonical(value, kind)
@@ -511,10 +615,12 @@ def write_tensors(model, leaves: list[Leaf], tensors: dict[str, dict[str, np.nda
     for leaf in leaves:
         flatten_from = leaf.params.get("flatten_from")
         for key, (var, kind) in _variables(leaf).items():
-            if key in tensors.get(leaf.name, {}):
-                value = from_canonical(tensors[leaf.name][key], kind, tuple(var.shape),
+            # a tensor of another shape (the other side's LoRA rank) is left as it is
+            if key in tensors.get(leaf.name, {}) and np.shape(
+                    tensors[leaf.name][key]) == tuple(leaf.shapes.get(key, ())):
+                value = from_canonical(tensors[leaf.name][key], kind, _var_shape(var),
                                        flatten_from if key == "weight" else None)
-                var.assign(value.astype(var.dtype))
+                _assign(var, value)
 
 
 def capture(model, leaves: list[Leaf], x: np.ndarray, training: bool) -> dict[str, np.ndarray]:
@@ -527,7 +633,7 @@ def capture(model, leaves: list[Leaf], x: np.ndarray, training: bool) -> dict[st
     """
     wanted = {id(leaf.ref): leaf.name for leaf in leaves}
     fused = frozenset(id(leaf.ref) for leaf in leaves if leaf.params.get("fused_activation"))
-    dropouts = [layer for _, layer in _leaf_layers(model) if _is_dropout(layer)]
+    dropouts = _dropout_layers(model)
     out: dict[str, np.ndarray] = {}
 
     def seen(layer, inputs, output):
@@ -578,6 +684,11 @@ def _hyper(optimizer, kind: str | None) -> dict:
     return {}
 
 
+def _pick(variables: list, index):
+    """The optimizer slot at ``index`` (a tuple of them for a fused tuple of indexes)."""
+    return tuple(variables[i] for i in index) if isinstance(index, tuple) else variables[index]
+
+
 class Stepper:
     """One training step at a time, as ``fit`` runs it: ``model(x, training=True)``,
     gradients for ``model.trainable_variables``, the optimizer (``optimizer`` or a new
@@ -596,7 +707,7 @@ class Stepper:
         self._contexts = contextlib.ExitStack()
 
     def __enter__(self) -> Self:
-        dropouts = [layer for _, layer in _leaf_layers(self.model) if _is_dropout(layer)]
+        dropouts = _dropout_layers(self.model)
         self._contexts.enter_context(_variables_kept(self.model))
         self._contexts.enter_context(_spied(dropouts, lambda *a: None, dropout_off=True))
         self.optimizer = self._given or _optimizer(self.setup)
@@ -623,7 +734,9 @@ class Stepper:
         for leaf in self.leaves:
             for key, (var, kind) in _variables(leaf).items():
                 try:
-                    index = self.optimizer._get_variable_index(var)
+                    index = (tuple(self.optimizer._get_variable_index(v) for v in var)
+                             if isinstance(var, tuple)
+                             else self.optimizer._get_variable_index(var))
                 except (KeyError, ValueError):
                     continue  # frozen, or a BatchNorm statistic
                 yield leaf, key, var, kind, index
@@ -640,9 +753,12 @@ class Stepper:
         for leaf, key, _, kind, index in self._slotted():
             flatten_from = leaf.params.get("flatten_from") if key == "weight" else None
             for name, variables in lists.items():
-                value = np.asarray(_numpy(variables[index]), np.float64) / self._scale(name)
+                value = _value(_pick(variables, index), np.float64)
+                value = (tuple((v / self._scale(name)).astype(np.float32) for v in value)
+                         if isinstance(value, tuple)
+                         else (value / self._scale(name)).astype(np.float32))
                 slots[name].setdefault(leaf.name, {})[key] = to_canonical(
-                    value.astype(np.float32), kind, flatten_from)
+                    value, kind, flatten_from)
         return {"tensors": read_tensors(self.model, self.leaves), "slots": slots,
                 "step": int(_numpy(self.optimizer.iterations))}
 
@@ -653,13 +769,15 @@ class Stepper:
             flatten_from = leaf.params.get("flatten_from") if key == "weight" else None
             for name, variables in self._slot_lists().items():
                 value = state["slots"].get(name, {}).get(leaf.name, {}).get(key)
-                slot = variables[index]
-                if value is None:
-                    slot.assign(np.zeros(slot.shape, slot.dtype))
+                slot = _pick(variables, index)
+                if value is None or np.shape(value) != tuple(leaf.shapes.get(key, ())):
+                    _assign(slot, tuple(np.zeros(v.shape) for v in slot)
+                            if isinstance(slot, tuple) else np.zeros(slot.shape))
                     continue
-                value = from_canonical(value, kind, tuple(var.shape), flatten_from)
-                slot.assign((np.asarray(value, np.float64) * self._scale(name)).astype(
-                    slot.dtype))
+                value = from_canonical(value, kind, _var_shape(var), flatten_from)
+                scale = self._scale(name)
+                _assign(slot, tuple(np.asarray(v, np.float64) * scale for v in value)
+                        if isinstance(slot, tuple) else np.asarray(value, np.float64) * scale)
         self.optimizer.iterations.assign(state["step"])
 
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

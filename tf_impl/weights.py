@@ -427,10 +427,14 @@ def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None
 
     ``kind``: "conv" (kh, kw, I, O) -> (O, I, kh, kw); "depthwise" (kh, kw, C, M) ->
     (C * M, 1, kh, kw) (torch groups=C, output channel c * M + m, as TensorFlow orders them);
+    "qkv_kernel" / "qkv_bias" (a tuple of MultiHeadAttention's query, key and value
+    parts) -> fused rows [q; k; v]; "attn_out" (heads, head_dim, E) -> (E, heads * head_dim);
     "dense" (in, out) -> (out, in), with ``flatten_from`` (H, W, C) when the Dense reads a
     Flatten of an NHWC map: its rows are (h, w, c) and become torch's (c, h, w) columns;
     "vector" unchanged.
     """
+    if kind in _FUSED:
+        return _to_canonical(tuple(np.asarray(v) for v in value), kind)
     value = np.asarray(value)
     if kind == "depthwise":
         kh, kw, c, m = value.shape
@@ -445,7 +449,10 @@ def to_canonical(value: np.ndarray, kind: str, flatten_from: tuple | None = None
 
 def from_canonical(value: np.ndarray, kind: str, shape: tuple,
                    flatten_from: tuple | None = None) -> np.ndarray:
-    """Inverse of :func:`to_canonical` for a Keras variable of ``shape``."""
+    """Inverse of :func:`to_canonical` for a Keras variable of ``shape`` (for a fused kind,
+    ``qkv_kernel`` / ``qkv_bias``: a tuple of the query, key and value parts, each ``shape``)."""
+    if kind in _FUSED or kind == "attn_out":
+        return _from_canonical(np.asarray(value), kind, shape)
     value = np.asarray(value)
     if kind == "depthwise":
         kh, kw, c, m = shape

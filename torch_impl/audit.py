@@ -143,6 +143,16 @@ def _row(name: str, module: nn.Module, training: bool) -> LayerRow:
     return LayerRow(label, type(module).__name__, params, "-", None, None)
 
 
+def _lora_base_trainable(module: nn.Module) -> bool:
+    """PEFT's LoRA wrapper (a base layer and lora_A / lora_B, known by its parts: PEFT is not
+    imported here) whose base weight still trains."""
+    if not (hasattr(module, "get_base_layer") and isinstance(getattr(module, "lora_A", None),
+                                                             nn.ModuleDict)):
+        return False
+    weight = getattr(module.get_base_layer(), "weight", None)
+    return bool(len(module.lora_A)) and weight is not None and weight.requires_grad
+
+
 def _optimizer_hazards(model: nn.Module, optimizer) -> list:
     names = {id(p): n for n, p in model.named_parameters()}
     held: set[int] = set()
@@ -238,6 +248,9 @@ def audit(model: nn.Module, optimizer=None, reference: nn.Module | None = None) 
         hazards.append(make_hazard("TORCH_DROPOUT_ACTIVE_IN_FROZEN", dropout))
     if depth:
         hazards.append(make_hazard("TORCH_STOCHASTIC_DEPTH_ACTIVE_IN_FROZEN", depth))
+    lora = [name for name, module in modules.items() if _lora_base_trainable(module)]
+    if lora:
+        hazards.append(make_hazard("TORCH_LORA_BASE_TRAINABLE", lora))
     if optimizer is not None:
         hazards.extend(_optimizer_hazards(model, optimizer))
     hazards.extend(_replica_hazards(model, leaves, rows, modules))

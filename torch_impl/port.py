@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, StochasticDepth)
+
+
+def _is_drop_path(module) -> bool:
+    """timm's ``DropPath`` (stochastic depth), known by name: timm is not imported here."""
+    return type(module).__name__ == "DropPath" and hasattr(module, "drop_prob")
 _BN = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu",
                 nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu",
@@ -136,9 +141,68 @@ def _canonical_shape(out_shape, features_last: bool = False) -> tuple:
     return (shape[2], shape[0], shape[1]) if features_last else shape
 
 
+def _attention_record(name, module, in_shape, out_shape) -> Leaf:
+    """timm's ``Attention`` or ``nn.MultiheadAttention`` (self-attention) as one record."""
+    cls = type(module).__name__
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            raise PortError(f"torch module {name!r} (MultiheadAttention): kdim/vdim other than "
+                            "embed_dim, add_bias_kv or add_zero_attn have no port mapping")
+        in_w, in_b = module.in_proj_weight, module.in_proj_bias
+        out_w, out_b = module.out_proj.weight, module.out_proj.bias
+        heads, dropout, seq_first = module.num_heads, float(module.dropout), not module.batch_first
+    else:
+        for part in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(module, part, nn.Identity()), nn.Identity):
+                raise PortError(f"torch module {name!r} (Attention): {part} "
+                                f"({type(getattr(module, part)).__name__}) has no port mapping")
+        in_w, in_b = module.qkv.weight, module.qkv.bias
+        out_w, out_b = module.proj.weight, module.proj.bias
+        heads, dropout, seq_first = module.num_heads, float(module.attn_drop.p), False
+    shapes = {"weight": tuple(in_w.shape), "out_weight": tuple(out_w.shape)}
+    if in_b is not None:
+        shapes["bias"] = tuple(in_b.shape)
+    if out_b is not None:
+        shapes["out_bias"] = tuple(out_b.shape)
+    out = tuple(int(d) for d in out_shape)
+    out = (out[0],) + out[2:] if seq_first else out[1:]
+    return Leaf(name, "attention", cls, {
+        "heads": int(heads), "head_dim": int(in_w.shape[0]) // 3 // int(heads),
+        "bias": in_b is not None, "out_bias": out_b is not None, "dropout": dropout,
+        "seq_first": seq_first}, shapes, out, module)
+
+
+def _lora_record(name, module, in_shape, out_shape) -> Leaf:
+    """PEFT's ``lora.Linear``: the base Linear's tensors and the active adapter's, apart."""
+    base = module.get_base_layer()
+    active = list(module.active_adapters)
+    if not isinstance(base, nn.Linear) or len(active) != 1 or active[0] not in module.lora_A:
+        raise PortError(f"torch module {name!r} ({type(module).__name__}): only a LoRA-wrapped "
+                        f"Linear with one active adapter has a port mapping (got base "
+                        f"{type(base).__name__}, active adapters {active})")
+    adapter = active[0]
+    if module.use_dora.get(adapter) or module.merged:
+        raise PortError(f"torch module {name!r}: a DoRA or merged LoRA adapter has no port "
+                        "mapping (unmerge it, or compare the merged Linear alone)")
+    record = _record(name, base, in_shape, out_shape)
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    dropout = module.lora_dropout[adapter]
+    record.cls = f"lora.{type(module).__name__}"
+    record.shapes.update(lora_A=tuple(a.shape), lora_B=tuple(b.shape))
+    record.params.update(lora_rank=int(module.r[adapter]),
+                         lora_scale=float(module.scaling[adapter]),
+                         lora_dropout=float(getattr(dropout, "p", 0.0)), adapter=adapter)
+    record.ref = module
+    return record
+
+
 def _record(name, module, in_shape, out_shape) -> Leaf | None:
     cls = type(module).__name__
     out = _canonical_shape(out_shape)
+    if isinstance(module, nn.MultiheadAttention) or _is_timm_attention(module):
+        return _attention_record(name, module, in_shape, out_shape)
+    if _is_lora(module):
+        return _lora_record(name, module, in_shape, out_shape)
     if isinstance(module, nn.Conv2d):
         return _conv_record(name, module, in_shape, out_shape)
     if isinstance(module, nn.Linear):
@@ -186,6 +250,9 @@ def _record(name, module, in_shape, out_shape) -> Leaf | None:
     if isinstance(module, StochasticDepth):
         return Leaf(name, "dropout", cls, {"rate": float(module.p), "mode": module.mode},
                     {}, out, module)
+    if _is_drop_path(module):  # timm's DropPath: a whole sample's residual branch
+        return Leaf(name, "dropout", cls, {"rate": float(module.drop_prob or 0.0),
+                                           "mode": "row"}, {}, out, module)
     if isinstance(module, _DROPOUT):
         mode = "channel" if isinstance(module, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) \
             else "element"
@@ -204,20 +271,55 @@ def _record(name, module, in_shape, out_shape) -> Leaf | None:
     if next(module.parameters(recurse=False), None) is not None:
         raise PortError(f"torch module {name!r} ({cls}) has weights but no port mapping "
                         "(supported: Conv2d, Linear, BatchNorm2d, FrozenBatchNorm2d, LayerNorm, "
-                        "a non-leaf module's per-channel scale)")
+                        "MultiheadAttention, timm Attention, PEFT lora.Linear, a non-leaf "
+                        "module's per-channel scale or (1, T, E) token)")
     return None
 
 
+def _is_timm_attention(module) -> bool:
+    """timm's ``Attention`` (fused ``qkv`` Linear, ``proj``), known by its parts (timm is not
+    imported here)."""
+    return (type(module).__name__ == "Attention" and isinstance(getattr(module, "qkv", None),
+                                                                nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear)
+            and hasattr(module, "num_heads"))
+
+
+def _is_lora(module) -> bool:
+    """PEFT's LoRA wrapper of a layer (``lora.Linear``): a base layer and ``lora_A``/``lora_B``."""
+    return (hasattr(module, "get_base_layer") and isinstance(getattr(module, "lora_A", None),
+                                                             nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict))
+
+
+def _is_unit(module) -> bool:
+    """A module with children described as one record: an attention, a LoRA-wrapped layer."""
+    return (isinstance(module, nn.MultiheadAttention) or _is_timm_attention(module)
+            or _is_lora(module))
+
+
 def _leaf_modules(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+    """Leaf modules, with attention and LoRA units as leaves (their children left out)."""
+    out, inside = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if _is_unit(m):
+            out.append((name, m))
+            inside.append(f"{name}." if name else "")
+        elif next(m.children(), None) is None:
+            out.append((name, m))
+    return out
 
 
 def _owned_parameters(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
-    """Parameters of modules that have children (ConvNeXt's ``CNBlock.layer_scale``):
-    id -> (dotted name, owner, attribute)."""
+    """Parameters of modules that have children (ConvNeXt's ``CNBlock.layer_scale``, timm's
+    ``cls_token``) outside the units: id -> (dotted name, owner, attribute)."""
     out = {}
+    units = [f"{name}." for name, m in model.named_modules() if _is_unit(m)]
     for name, module in model.named_modules():
-        if next(module.children(), None) is None:
+        if next(module.children(), None) is None or _is_unit(module) or any(
+                f"{name}.".startswith(u) for u in units):
             continue
         for attr, param in module.named_parameters(recurse=False):
             out[id(param)] = (f"{name}.{attr}" if name else attr, module, attr)
@@ -306,9 +408,21 @@ class _Dataflow(TorchFunctionMode):
         if name in self.wanted and name not in self.outputs:
             self._keep(record, output)
         self.mark_all(output, frozenset([name]), False)
+        drop = getattr(module, "proj_drop", None) if record.kind == "attention" else None
+        if isinstance(drop, _DROPOUT):
+            # timm's attention ends in its own proj_drop (Keras: a Dropout after the layer)
+            inner = f"{name}.proj_drop"
+            if self.describing and inner not in self.done:
+                self.records.append(Leaf(inner, "dropout", type(drop).__name__,
+                                         {"rate": float(drop.p), "mode": "element"}, {},
+                                         record.output_shape, drop, (name,), False))
+                self.done.add(inner)
+            self.mark_all(output, frozenset([inner]), False)
 
     def _keep(self, record: Leaf, output) -> None:
         value = _tensors(output)[0].detach().cpu().numpy().copy()
+        if record.params.get("seq_first"):  # nn.MultiheadAttention(batch_first=False)
+            value = np.ascontiguousarray(value.swapaxes(0, 1))
         self.outputs[record.name] = activation_to_canonical(
             value, record.params.get("features_last", False))
 
@@ -323,6 +437,16 @@ class _Dataflow(TorchFunctionMode):
             self.mark_all(output, *self.source_of((args, kwargs)))
             return output
         inputs = [a for a in _tensors((args, kwargs)) if id(a) not in self.owned]
+        if record.kind == "token":
+            if self.describing and record.name not in self.done:
+                record.sources, record.via_ops = (), False
+                self.records.append(record)
+                self.done.add(record.name)
+            if record.name in self.wanted and record.name not in self.outputs:
+                owner, attr = record.ref
+                self.outputs[record.name] = getattr(owner, attr).detach().cpu().numpy().copy()
+            self.mark_all(output, *self.source_of(inputs))
+            return output
         if self.describing and record.name not in self.done:
             record.sources, record.via_ops = self.source_of(inputs)
             self.records.append(record)
@@ -346,6 +470,8 @@ class _Dataflow(TorchFunctionMode):
         tensors = _tensors((args, kwargs))
         owned = [self.owned[id(t)] for t in tensors if id(t) in self.owned]
         out = _tensors(output)
+        if owned and self._is_token(owned[0]):
+            return self._token_record(owned[0])
         if owned:
             return self._owned_record(fname, owned[0], tensors, out)
         if not out or not tensors:
@@ -375,6 +501,22 @@ class _Dataflow(TorchFunctionMode):
             return Leaf(self._name(f"F.{fname}"), "dropout", fname,
                         {"rate": float(p), "mode": _DROPOUT_FUNCTIONS[fname]}, {}, shape)
         return None
+
+    @staticmethod
+    def _is_token(owned) -> bool:
+        """A (1, T, E) parameter of a non-leaf module: timm's ``cls_token``, ``pos_embed``."""
+        _, owner, attr = owned
+        param = getattr(owner, attr)
+        return param.dim() == 3 and param.shape[0] == 1
+
+    def _token_record(self, owned) -> Leaf:
+        """A bare model tensor as its own record: it reads no input, and what it joins keeps
+        the sources of the data it joins (Keras's graph reads such a weight as a variable)."""
+        name, owner, attr = owned
+        param = getattr(owner, attr)
+        return Leaf(name, "token", f"{type(owner).__name__}.{attr}",
+                    {"features": int(param.shape[-1])}, {"weight": tuple(param.shape)},
+                    tuple(int(d) for d in param.shape[1:]), (owner, attr))
 
     def _owned_record(self, fname: str, owned, tensors, out) -> Leaf:
         """A non-leaf module's parameter used by a function: a per-channel scale, or an
@@ -477,10 +619,23 @@ def describe(model: nn.Module, probe: np.ndarray, what: str = "torch model") -> 
 
 
 def _variables(leaf: Leaf) -> dict[str, tuple[torch.Tensor, str]]:
-    if leaf.kind == "scale":
+    if leaf.kind in ("scale", "token"):
         owner, attr = leaf.ref
-        return {"weight": (getattr(owner, attr), "scale")}
+        return {"weight": (getattr(owner, attr), leaf.kind)}
     module = leaf.ref
+    if leaf.kind == "attention":
+        if isinstance(module, nn.MultiheadAttention):
+            found = {"weight": module.in_proj_weight, "bias": module.in_proj_bias,
+                     "out_weight": module.out_proj.weight, "out_bias": module.out_proj.bias}
+        else:  # timm's Attention: qkv rows [q; k; v] are in_proj's
+            found = {"weight": module.qkv.weight, "bias": module.qkv.bias,
+                     "out_weight": module.proj.weight, "out_bias": module.proj.bias}
+        return {k: (t, "vector") for k, t in found.items() if k in leaf.shapes}
+    if "lora_A" in leaf.shapes:  # PEFT: the base Linear's tensors, then the adapter's
+        base, adapter = module.get_base_layer(), leaf.params["adapter"]
+        found = {"weight": base.weight, "bias": base.bias,
+                 "lora_A": module.lora_A[adapter].weight, "lora_B": module.lora_B[adapter].weight}
+        return {k: (t, "vector") for k, t in found.items() if k in leaf.shapes}
     keys = [k for k in ("weight", "bias", "running_mean", "running_var") if k in leaf.shapes]
     return {k: (getattr(module, k), leaf.params.get("layout", "vector")
                 if k == "weight" else "vector") for k in keys}
@@ -509,7 +664,10 @@ def write_tensors(model: nn.Module, leaves: list[Leaf],
 
 def _dropout_off(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, _DROPOUT):
+        # an attention unit drops its probabilities by its own mode (timm's fused path and
+        # nn.MultiheadAttention pass dropout_p only when self.training): it has no other
+        if isinstance(m, _DROPOUT) or _is_drop_path(m) or isinstance(
+                m, nn.MultiheadAttention) or _is_timm_attention(m):
             m.eval()
 
 

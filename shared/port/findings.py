@@ -41,8 +41,32 @@ FINDINGS: dict[str, FindingKind] = {
         "(torch track_running_stats=False normalises with batch statistics even in eval mode)",
         "keep running statistics on both sides (torch track_running_stats=True)"),
     "PORT_LN_EPSILON": FindingKind(
-        "LayerNorm epsilon differs",
-        "pass the same epsilon on both sides"),
+        "LayerNorm epsilon differs (defaults: torch nn.LayerNorm 1e-5, Keras "
+        "LayerNormalization 1e-3, timm's ViT 1e-6)",
+        "pass the same epsilon on both sides (keras epsilon= <-> torch eps=)"),
+    "PORT_ATTENTION_HEADS": FindingKind(
+        "the attention splits the same projections into another number of heads (the "
+        "weights have the same shapes; the function differs)",
+        "use the same head count (Keras MultiHeadAttention(num_heads, key_dim=E // num_heads) "
+        "<-> torch num_heads)"),
+    "PORT_ATTENTION_BIAS": FindingKind(
+        "one attention has biases on its projections and the other has none",
+        "use use_bias (Keras) the same way as qkv_bias / bias= (torch) on both sides"),
+    "PORT_LORA_MISSING": FindingKind(
+        "one layer has a LoRA adapter and the other has none",
+        "add the adapter on both sides (Keras layer.enable_lora(rank, lora_alpha=alpha) <-> "
+        "PEFT LoraConfig(r=rank, lora_alpha=alpha, target_modules=[...]))"),
+    "PORT_LORA_RANK": FindingKind(
+        "the LoRA adapters have different ranks",
+        "use the same rank (Keras enable_lora(rank) <-> PEFT r)"),
+    "PORT_LORA_SCALE": FindingKind(
+        "the LoRA updates are scaled differently (alpha / rank: Keras lora_alpha / rank, PEFT "
+        "lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora)",
+        "use the same alpha on both sides (Keras's default lora_alpha is the rank, PEFT's 8)"),
+    "PORT_LORA_DROPOUT": FindingKind(
+        "the LoRA adapters drop their input at different rates (Keras's enable_lora has no "
+        "LoRA dropout)",
+        "use lora_dropout=0.0 in PEFT against Keras"),
     "PORT_CONV_STRIDE": FindingKind("convolution stride differs", "use the same stride"),
     "PORT_CONV_STRIDE_PLACEMENT": FindingKind(
         "the downsampling stride sits on another convolution of the block on each side (Keras "

@@ -3,7 +3,8 @@
 Rules read the neutral records only, once for both frameworks: convolution stride,
 dilation, groups, bias and padding (and a downsampling stride placed on another
 convolution of the block), normalisation epsilon, momentum, affine parameters and
-statistics, dense bias, the activation after each weighted layer (compared by
+statistics, dense bias, attention heads, biases and dropout, LoRA adapters (on one
+side only, rank, alpha / rank, dropout), the activation after each weighted layer (compared by
 function), dropout and stochastic depth (placed by the dataflow graph, compared by
 rate and mode), preprocessing inside a model, and, for models checked with the
 weights they were given, the weights themselves. Findings with the same code and
@@ -131,9 +132,47 @@ def _lint_norm(p: Pair) -> list[Finding]:
 
 def _lint_dense(p: Pair) -> list[Finding]:
     k, t = p.keras.params, p.torch.params
+    out = []
     if k["bias"] != t["bias"]:
-        return [make_finding("PORT_DENSE_BIAS", p, k["bias"], t["bias"])]
-    return []
+        out.append(make_finding("PORT_DENSE_BIAS", p, k["bias"], t["bias"]))
+    return out + _lint_lora(p)
+
+
+def _lint_lora(p: Pair) -> list[Finding]:
+    """A LoRA adapter on one side only, or with another rank, scale or dropout."""
+    k, t = p.keras.params, p.torch.params
+    kr, tr = k.get("lora_rank"), t.get("lora_rank")
+    if kr is None and tr is None:
+        return []
+    if kr is None or tr is None:
+        return [make_finding("PORT_LORA_MISSING", p, f"rank {kr}" if kr else "none",
+                             f"rank {tr}" if tr else "none")]
+    out = []
+    if kr != tr:
+        out.append(make_finding("PORT_LORA_RANK", p, kr, tr))
+    if _differs(k["lora_scale"], t["lora_scale"]):
+        out.append(make_finding("PORT_LORA_SCALE", p, k["lora_scale"], t["lora_scale"],
+                                "alpha / rank"))
+    if _differs(k.get("lora_dropout", 0.0), t.get("lora_dropout", 0.0)):
+        out.append(make_finding("PORT_LORA_DROPOUT", p, k.get("lora_dropout", 0.0),
+                                t.get("lora_dropout", 0.0)))
+    return out
+
+
+def _lint_attention(p: Pair) -> list[Finding]:
+    k, t = p.keras.params, p.torch.params
+    out = []
+    if k["heads"] != t["heads"]:
+        out.append(make_finding("PORT_ATTENTION_HEADS", p, k["heads"], t["heads"],
+                                f"head_dim {k['head_dim']} vs {t['head_dim']}"))
+    if (k["bias"], k["out_bias"]) != (t["bias"], t["out_bias"]):
+        out.append(make_finding("PORT_ATTENTION_BIAS", p,
+                                f"q/k/v {k['bias']}, output {k['out_bias']}",
+                                f"q/k/v {t['bias']}, output {t['out_bias']}"))
+    if not math.isclose(k["dropout"], t["dropout"], rel_tol=tol.PORT_RATE_RTOL):
+        out.append(make_finding("PORT_DROPOUT_RATE", p, k["dropout"], t["dropout"],
+                                "the attention probabilities' dropout"))
+    return out
 
 
 def _lint_activation(p: Pair, last_k: bool, last_t: bool) -> list[Finding]:
@@ -174,7 +213,7 @@ def _lint_dropout(pairs: Sequence[Pair], keras_graph: Graph,
         matched = list(zip(kd, td))
     out = []
     for k, t in matched:
-        if _differs(k.params["rate"], t.params["rate"]):
+        if not math.isclose(k.params["rate"], t.params["rate"], rel_tol=tol.PORT_RATE_RTOL):
             out.append(make_finding("PORT_DROPOUT_RATE", None, k.params["rate"],
                                     t.params["rate"], keras_layer=k.name, torch_layer=t.name))
         if k.params.get("mode", "element") != t.params.get("mode", "element"):
@@ -280,6 +319,8 @@ def lint(pairs: Sequence[Pair], keras_leaves: Sequence[Leaf], torch_leaves: Sequ
             per_pair += _lint_norm(p)
         elif p.keras.kind == "dense":
             per_pair += _lint_dense(p)
+        elif p.keras.kind == "attention":
+            per_pair += _lint_attention(p)
         per_pair += _lint_activation(p, not keras_graph.has_weighted_after(p.keras),
                                      not torch_graph.has_weighted_after(p.torch))
     findings += _lint_strides(pairs, keras_graph, per_pair)
@@ -289,11 +330,17 @@ def lint(pairs: Sequence[Pair], keras_leaves: Sequence[Leaf], torch_leaves: Sequ
     return grouped(findings)
 
 
+# tensors compared for a model checked with the weights it was given: base and adapter
+# tensors each on their own
+_COMPARED = ("weight", "bias", "out_weight", "out_bias", "lora_A", "lora_B")
+
+
 def _lint_weights(pairs: Sequence[Pair], tensors) -> list[Finding]:
     out, differing = [], []
     for p in pairs:
         k, t = tensors[p.label]
-        keys = [key for key in ("weight", "bias") if key in k and key in t]
+        keys = [key for key in _COMPARED if key in k and key in t
+                and np.shape(k[key]) == np.shape(t[key])]
         bad = [key for key in keys if not np.allclose(k[key], t[key], rtol=tol.FORWARD_RTOL,
                                                         atol=tol.FORWARD_ATOL)]
         if not bad:

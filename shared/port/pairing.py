@@ -31,7 +31,7 @@ def compatible(k: Leaf, t: Leaf) -> str:
     """Why ``k`` and ``t`` cannot be paired, or "" when they can."""
     if k.kind != t.kind:
         return f"kind {k.kind} vs {t.kind}"
-    for key in ("weight", "bias"):
+    for key in ("weight", "bias", "out_weight", "out_bias"):
         if key in k.shapes and key in t.shapes and tuple(k.shapes[key]) != tuple(t.shapes[key]):
             groups = (k.params.get("groups"), t.params.get("groups"))
             why = (f" (groups {groups[0]} vs {groups[1]}: a Keras DepthwiseConv2D is torch "

@@ -17,7 +17,13 @@ from shared.errors import UsageError
 __all__ = ["CONTEXT_KINDS", "INPUT", "WEIGHTED_KINDS", "Leaf", "Pair", "PortError"]
 
 # Kinds whose layers carry tensors and are paired one to one.
-WEIGHTED_KINDS = ("conv", "dense", "bn", "layernorm", "scale")
+# "attention": a multi-head self-attention unit (Keras MultiHeadAttention, timm's
+# Attention, nn.MultiheadAttention) with canonical tensors ``weight`` (3E, E: rows
+# [q; k; v], head h at rows h * head_dim + j of each), ``bias`` (3E,), ``out_weight``
+# (E_out, E), ``out_bias``; "token": a bare model tensor (a class token, a position
+# embedding) that reads no input. A LoRA-wrapped dense layer is a "dense" record with
+# ``lora_A`` (r, in) and ``lora_B`` (out, r) beside its base ``weight``.
+WEIGHTED_KINDS = ("conv", "dense", "bn", "layernorm", "scale", "attention", "token")
 # Kinds the lint reads around them: dropout (and stochastic depth), flatten, explicit
 # zero padding, activation functions, preprocessing inside the model (Rescaling,
 # Normalization: tensors, but nothing to pair them with), arithmetic with a constant.

@@ -260,6 +260,8 @@ def _compare_step(pairs, start, k_after, t_after, k_losses, t_losses, ts, batch_
         layer_change = max((float(np.abs(np.asarray(t[key], np.float64) - s[key]).max(
             initial=0.0)) for key in set(s) & set(t) if key not in _STATISTICS), default=0.0)
         for key in sorted(set(s) & set(k)):
+            if np.shape(s[key]) != np.shape(k[key]):
+                continue  # another LoRA rank on the other side: the lint names it
             s_v, k_v, t_v = s[key], k[key], t[key]
             envelope = tol.ENVELOPE_MULTIPLE * dep.get(("tensors", p.torch.name, key), 0.0)
             moved = moved_check(f"{p.label} {key}", s_v, k_v, t_v, b, b.update_rtol)
@@ -347,7 +349,8 @@ def _tally(moved: dict, pairs, start, k_after, t_after) -> None:
     for p in pairs:
         s, k, t = (start["tensors"][p.torch.name], k_after["tensors"][p.keras.name],
                    t_after["tensors"][p.torch.name])
-        for key in sorted(set(s) & set(k)):
+        for key in sorted(key for key in set(s) & set(k)
+                          if np.shape(s[key]) == np.shape(k[key])):
             dk = np.asarray(k[key], np.float64) - s[key]
             dt = np.asarray(t[key], np.float64) - s[key]
             row = moved.setdefault((p.label, key), {

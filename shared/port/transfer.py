@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from shared.port.records import Pair, PortError
 
 __all__ = ["read_pairs", "transfer"]
@@ -26,7 +28,10 @@ def transfer(pairs: Sequence[Pair], source: str,
         k, t = tensors[p.label]
         src, dst_leaf = (t, p.keras) if source == "torch" else (k, p.torch)
         dst = k if source == "torch" else t
-        out[dst_leaf.name] = {key: src[key] for key in dst if key in src}
+        # a tensor of another shape on the other side (another LoRA rank) is not copied:
+        # the lint names the difference
+        out[dst_leaf.name] = {key: src[key] for key in dst
+                              if key in src and np.shape(src[key]) == np.shape(dst[key])}
     return out
 
 

@@ -758,3 +758,123 @@ def imagenet_normalize_torch_none():
     """The ImageNet pair's torch side without its Normalize: the Keras model normalises
     inside, the torch model does not."""
     return imagenet_normalize_torch(False)
+
+
+# --- transformer layers: self-attention over patch tokens, LoRA on a dense layer ---------
+def _attention_keras(heads: int = 2, use_bias: bool = True):
+    """conv (4x4 patches) -> 16 tokens of width 8 -> MultiHeadAttention -> mean -> fc."""
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4, name="conv")(inputs)
+    x = keras.layers.Reshape((16, 8), name="tokens")(x)
+    x = keras.layers.MultiHeadAttention(heads, 8 // heads, use_bias=use_bias, name="attn")(x, x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def attention_keras():
+    return _attention_keras()
+
+
+def attention_four_heads_keras():
+    """The same projections split into 4 heads (torch: 2): same shapes, another function."""
+    return _attention_keras(heads=4)
+
+
+def attention_no_bias_keras():
+    """MultiHeadAttention(use_bias=False) against torch's default bias=True."""
+    return _attention_keras(use_bias=False)
+
+
+def attention_torch():
+    """The same with nn.MultiheadAttention(8, 2, batch_first=True) (in_proj_weight, out_proj)."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 4, stride=4)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = self.conv(x).flatten(2).transpose(1, 2)
+            return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(dim=1))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def _lora_keras(rank: int | None = 2, alpha: float = 4.0):
+    """conv -> pool -> hidden Dense (LoRA rank, alpha) -> fc; every variable but the adapter
+    frozen."""
+    model = _ln_free_keras()
+    if rank:
+        model.get_layer("hidden").enable_lora(rank, lora_alpha=alpha)
+    for variable in model.weights:  # as PEFT's inject_adapter_in_model leaves torch's
+        # (without an adapter the hidden layer trains whole)
+        variable.trainable = ("lora_kernel" in variable.path
+                              or (not rank and variable.path.startswith("hidden/")))
+    return model
+
+
+def _ln_free_keras():
+    keras = _keras()
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(8, name="hidden")(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+def lora_keras():
+    return _lora_keras()
+
+
+def lora_none_keras():
+    """The hidden Dense without an adapter (torch: PEFT LoRA rank 2)."""
+    return _lora_keras(rank=None)
+
+
+def lora_rank4_keras():
+    """LoRA rank 4, alpha 8 (torch: rank 2, alpha 4): the same scale, another rank."""
+    return _lora_keras(rank=4, alpha=8.0)
+
+
+def lora_alpha_default_keras():
+    """enable_lora(2) with Keras's default lora_alpha (= rank: scale 1; torch alpha 4: 2)."""
+    return _lora_keras(rank=2, alpha=2.0)
+
+
+def _lora_torch(dropout: float = 0.0):
+    torch = _torch()
+    nn = torch.nn
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, bias=False)
+            self.hidden = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.hidden(self.conv(x).mean(dim=(2, 3))))
+
+    torch.manual_seed(0)
+    net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, lora_dropout=dropout,
+                                             target_modules=["hidden"]), Net())
+    with torch.no_grad():  # PEFT starts lora_B at zero: a non-zero adapter shows in outputs
+        net.hidden.lora_B["default"].weight.normal_(0.0, 0.1)
+    return net
+
+
+def lora_torch():
+    """PEFT LoRA (r=2, lora_alpha=4) on the hidden Linear."""
+    return _lora_torch()
+
+
+def lora_dropout_torch():
+    """The same with lora_dropout=0.1 (Keras's enable_lora has none)."""
+    return _lora_torch(dropout=0.1)
