@@ -96,8 +96,10 @@ def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True,
     """BatchNorm factory: the legacy layer for ``naive``, torch's variance convention for parity.
 
     ``synchronized=True``: Keras's ``BatchNormalization(synchronized=True)``, batch
-    moments over every replica of a distribution strategy.
+    moments over every replica of a distribution strategy. None for vit (no BatchNorm).
     """
+    if arch == "vit":
+        return None
     if strategy == "naive":
         cls = LegacyBatchNormalization
     elif reconcile_bn_variance:
