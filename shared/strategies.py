@@ -124,8 +124,9 @@ ALL_STRATEGIES: dict[str, Strategy] = {**STRATEGIES, **ADAPTER_STRATEGIES}
 
 
 def get_strategy(name: str) -> Strategy:
+    # looked up in the two dicts each call (a test may replace an entry of STRATEGIES)
     try:
-        return ALL_STRATEGIES[name]
+        return STRATEGIES[name] if name in STRATEGIES else ADAPTER_STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; expected one of: "
                          f"{', '.join(ALL_STRATEGIES)}") from None
@@ -133,7 +134,8 @@ def get_strategy(name: str) -> Strategy:
 
 def strategies_for(arch: str) -> list[str]:
     """The strategy names that run on ``arch``, in catalogue order."""
-    return [n for n, s in ALL_STRATEGIES.items() if s.archs is None or arch in s.archs]
+    every = {**STRATEGIES, **ADAPTER_STRATEGIES}
+    return [n for n, s in every.items() if s.archs is None or arch in s.archs]
 
 
 def check_strategy_arch(strategy: Strategy | str, arch: str) -> None:
