@@ -117,4 +117,5 @@ def expectation_failures(record: RunRecord) -> list[str]:
     return check_expectations(
         record.strategy, record.framework,
         train_eval_match=record.max_train_eval_gap <= tol.SAME_FRAMEWORK_ATOL,
-        frozen_unchanged=record.frozen_unchanged, bn_stats_changed=record.bn_stats_changed)
+        frozen_unchanged=record.frozen_unchanged, bn_stats_changed=record.bn_stats_changed,
+        arch=record.arch)

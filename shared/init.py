@@ -43,3 +43,21 @@ def head_init(feature_dim: int, num_classes: int, seed: int) -> dict[str, np.nda
     """The new classification head both frameworks start fine-tuning from."""
     shapes = {"head.fc.weight": (num_classes, feature_dim), "head.fc.bias": (num_classes,)}
     return canonical_init(shapes, seed)
+
+
+def lora_init(adapters: dict, seed: int) -> dict[str, np.ndarray]:
+    """Starting LoRA adapters for both frameworks (canonical keys ``<prefix>.lora_A`` (r, in),
+    ``.lora_B`` (out, r); ``adapters`` maps them to arrays or shapes): A as PEFT's
+    ``kaiming_uniform_(a=sqrt(5))``, uniform in +-1 / sqrt(in); B zero, so the adapted
+    model starts as the base (PEFT's and Keras's rule; their A initialisers differ)."""
+    rng = np.random.default_rng([seed, 0x10AA])
+    out = {}
+    for key in sorted(adapters):
+        shape = tuple(np.shape(adapters[key])) if not isinstance(adapters[key], tuple) else adapters[key]
+        if key.endswith(".lora_A"):
+            out[key] = _uniform(rng, shape, float(1.0 / np.sqrt(shape[1])))
+        elif key.endswith(".lora_B"):
+            out[key] = np.zeros(shape, np.float32)
+        else:
+            raise ValueError(f"lora_init: key {key!r}: expected a .lora_A or .lora_B key")
+    return out

@@ -15,9 +15,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shared.archs import ARCHS, require_pipeline_arch
+from shared.archs import ARCHS, RUN_ARCHS, require_pipeline_arch
 from shared.frameworks import check_framework
-from shared.strategies import get_strategy
+from shared.strategies import check_strategy_arch, get_strategy
 
 __all__ = ["OPTIMIZERS", "HeldOut", "RunConfig", "RunRecord", "StepRecord"]
 
@@ -31,6 +31,8 @@ OPTIMIZERS = ("sgd", "adam")
 ARCH_DEFAULTS = {
     "tinyconv": {"steps": 100, "sgd": 0.02, "adam": 0.001},
     "resnet18": {"steps": 30, "sgd": 0.01, "adam": 0.001},
+    # vit: measured in tests/test_vit_strategies.py and docs/models.md
+    "vit": {"steps": 30, "sgd": 0.01, "adam": 0.001},
 }
 # 2: records carry `moved` (every tensor that changed over the run, not only declared-frozen ones)
 RECORD_VERSION = 2
@@ -81,13 +83,13 @@ class RunConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of: {', '.join(ARCHS)}")
-        require_pipeline_arch(self.arch, "run config")
+        require_pipeline_arch(self.arch, "run config", RUN_ARCHS)
         defaults = ARCH_DEFAULTS[self.arch]
         if self.steps is None:
             object.__setattr__(self, "steps", defaults["steps"])
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", defaults.get(self.optimizer))
-        get_strategy(self.strategy)
+        check_strategy_arch(self.strategy, self.arch)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}")
         for name in ("steps", "batch_size", "eval_every"):

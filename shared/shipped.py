@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 SHIPPED_DIR = Path(__file__).parent / "pretrained"
-SHIPPED_ARCHS = ("tinyconv",)
+SHIPPED_ARCHS = ("tinyconv", "vit")
 # the value of --checkpoint (RunConfig.checkpoint) that selects the cache instead
 CACHE = "cache"
 

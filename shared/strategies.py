@@ -5,7 +5,18 @@ bit-identical), whether BatchNorm statistics may change, and whether the
 training-mode loss equals the inference-mode loss at the same weights. The
 runs record what happened; :func:`check_expectations` turns the difference
 into a verdict. ``naive`` is the only strategy whose expectations differ by
-framework: each framework's classic mistake fails differently.
+framework on the BatchNorm archs: each framework's classic mistake fails differently.
+
+On ``vit`` (no BatchNorm; dropout, attention dropout and drop-path instead) some
+expectations differ by arch (``Strategy.arch_expect``): no statistics ever change,
+and the training-mode loss differs from the inference-mode loss wherever dropout
+or drop-path runs in the training step (``full``, and ``naive`` in both
+frameworks: ``requires_grad_(False)`` / ``trainable=False`` switch none of them
+off). ``partial`` on vit trains the last block's weights with the whole base in
+inference mode (its dropout and drop-path off too), as tinyconv's ``partial``
+keeps the last block's BatchNorm in inference mode: train and eval losses match.
+``bn_adapt`` has nothing to adapt on vit and is refused; ``lora``
+(:data:`ADAPTER_STRATEGIES`) runs on vit only.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ from dataclasses import dataclass, field
 
 from shared.frameworks import FRAMEWORKS, check_framework
 
-__all__ = ["Strategy", "Expectation", "STRATEGIES", "get_strategy", "frozen_keys", "bn_prefixes",
-           "last_block", "check_expectations"]
+__all__ = ["Strategy", "Expectation", "STRATEGIES", "ADAPTER_STRATEGIES", "ALL_STRATEGIES",
+           "LORA_RANK", "LORA_ALPHA", "LORA_TARGETS", "get_strategy", "strategies_for",
+           "check_strategy_arch", "frozen_keys", "bn_prefixes", "last_block",
+           "check_expectations"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +52,14 @@ class Strategy:
     # the head trains on features computed once by the base in inference mode
     cached_features: bool
     expect: dict[str, Expectation] = field(repr=False)
+    # arch -> framework -> Expectation, where an arch's expectation differs from `expect`
+    arch_expect: dict[str, dict[str, Expectation]] = field(default_factory=dict, repr=False)
+    # the archs the strategy runs on (None: every arch)
+    archs: tuple[str, ...] | None = None
 
-    def expectation(self, framework: str) -> Expectation:
-        return self.expect[check_framework(framework)]
+    def expectation(self, framework: str, arch: str | None = None) -> Expectation:
+        framework = check_framework(framework)
+        return self.arch_expect.get(arch, self.expect)[framework]
 
 
 def _same(e: Expectation) -> dict[str, Expectation]:
@@ -49,32 +67,86 @@ def _same(e: Expectation) -> dict[str, Expectation]:
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
-    Strategy("frozen", "base frozen and in inference mode; only the head trains",
+    # vit: the base in inference mode means dropout, attention dropout and drop-path off
+    Strategy("frozen", "base frozen and in inference mode (vit: dropout and drop-path off); "
+             "only the head trains",
              "none", "stored", False, _same(Expectation(True, True, False))),
     Strategy("feature_extraction",
              "features computed once by the base in inference mode and cached; the head trains on them",
              "none", "stored", True, _same(Expectation(True, True, False))),
     Strategy("bn_adapt",
              "base frozen except BatchNorm, which trains and updates its statistics on target data",
-             "bn", "batch", False, _same(Expectation(False, True, True))),
-    Strategy("partial", "last block of the base unfrozen, BatchNorm kept in inference mode",
+             "bn", "batch", False, _same(Expectation(False, True, True)),
+             archs=("tinyconv", "resnet18")),
+    # vit: blocks.3 trains with the whole base in inference mode (its dropout and drop-path
+    # off, as BatchNorm here), so train and eval losses match
+    Strategy("partial", "last block of the base unfrozen, BatchNorm kept in inference mode "
+             "(vit: the whole base in inference mode, the last block's dropout and drop-path off)",
              "last_block", "stored", False, _same(Expectation(True, True, False))),
-    Strategy("full", "everything trains, BatchNorm in training mode",
-             "all", "batch", False, _same(Expectation(False, True, True))),
+    Strategy("full", "everything trains, BatchNorm in training mode (vit: dropout and "
+             "drop-path on)",
+             "all", "batch", False, _same(Expectation(False, True, True)),
+             arch_expect={"vit": _same(Expectation(False, True, False))}),
     # The classic mistakes. torch: requires_grad_(False) only, so BN keeps using batch
     # statistics and updating running statistics (declared-frozen stats change). Keras:
     # the pre-TF-2.0 BN (legacy layer): batch statistics in training, moving stats fixed.
+    # vit: the same mistake in both (gradients off, the base still called in training
+    # mode): dropout and drop-path run, nothing declared frozen moves, no statistics.
     Strategy("naive", "each framework's classic mistake (torch: requires_grad_(False) only; "
-             "Keras: the pre-TF-2.0 BatchNormalization)", "none", "batch", False,
-             {"torch": Expectation(False, False, True), "tf": Expectation(False, True, False)}),
+             "Keras: the pre-TF-2.0 BatchNormalization; vit: trainable=False with the base "
+             "still in training mode, dropout and drop-path on)", "none", "batch", False,
+             {"torch": Expectation(False, False, True), "tf": Expectation(False, True, False)},
+             arch_expect={"vit": _same(Expectation(False, True, False))}),
 ]}
+
+# LoRA of the pipeline (vit only): rank-r adapters on each block's attention output
+# projection and MLP fc1/fc2, scaling alpha / r, LoRA dropout 0 (Keras's enable_lora has
+# none). Not timm's q/k/v: Keras's enable_lora on MultiHeadAttention's query/key/value is
+# per head (A (width, heads, r), one B (r, head_dim) for every head), which equals a
+# PEFT rank-r adapter only at one head; the shipped ViT has 4. The output projection
+# (Keras kernel (heads, head_dim, width): A (heads, head_dim, r), B (r, width)) and the
+# Dense fc1/fc2 are true rank-r adapters of their (in, out) maps on both sides
+# (tests/test_vit_strategies.py: test_cross_lora_pipeline_targets_forward_agree).
+LORA_RANK = 4
+LORA_ALPHA = 8.0
+LORA_TARGETS = ("proj", "fc1", "fc2")
+
+ADAPTER_STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("lora", f"rank-{LORA_RANK} LoRA adapters (alpha {LORA_ALPHA:g}, dropout 0) on "
+             f"each block's attention output projection and MLP fc1/fc2, plus the head; base "
+             f"frozen in inference mode (dropout and drop-path off); not q/k/v: Keras's "
+             f"MultiHeadAttention query/key/value LoRA is per head and pairs with PEFT only "
+             f"at one head",
+             "none", "stored", False, _same(Expectation(True, True, False)), archs=("vit",)),
+]}
+
+ALL_STRATEGIES: dict[str, Strategy] = {**STRATEGIES, **ADAPTER_STRATEGIES}
 
 
 def get_strategy(name: str) -> Strategy:
+    # looked up in the two dicts each call (a test may replace an entry of STRATEGIES)
     try:
-        return STRATEGIES[name]
+        return STRATEGIES[name] if name in STRATEGIES else ADAPTER_STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; expected one of: {', '.join(STRATEGIES)}") from None
+        raise ValueError(f"unknown strategy {name!r}; expected one of: "
+                         f"{', '.join(ALL_STRATEGIES)}") from None
+
+
+def strategies_for(arch: str) -> list[str]:
+    """The strategy names that run on ``arch``, in catalogue order."""
+    every = {**STRATEGIES, **ADAPTER_STRATEGIES}
+    return [n for n, s in every.items() if s.archs is None or arch in s.archs]
+
+
+def check_strategy_arch(strategy: Strategy | str, arch: str) -> None:
+    """Raise a one-line error when ``strategy`` does not run on ``arch``."""
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    if strategy.archs is not None and arch not in strategy.archs:
+        why = {"bn_adapt": "it adapts BatchNorm and vit has none (LayerNorm only)",
+               "lora": "its adapters target the ViT's attention projection and MLP"}
+        raise ValueError(f"strategy {strategy.name!r} does not run on arch {arch!r}: "
+                         f"{why.get(strategy.name, 'not supported')} (runs on "
+                         f"{', '.join(strategy.archs)})")
 
 
 def last_block(arch: str) -> str:
@@ -99,10 +171,13 @@ def _under(key: str, prefix: str) -> bool:
 
 
 def frozen_keys(strategy: Strategy | str, keys, arch: str) -> list[str]:
-    """Canonical keys that ``strategy`` declares frozen (must not change in a run)."""
+    """Canonical keys that ``strategy`` declares frozen (must not change in a run).
+
+    LoRA adapters (``...lora_A``, ``...lora_B``) sit under ``base.`` but are never frozen.
+    """
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     keys = list(keys)
-    base = [k for k in keys if _under(k, "base")]
+    base = [k for k in keys if _under(k, "base") and not k.endswith((".lora_A", ".lora_B"))]
     bns = bn_prefixes(keys)
     in_bn = lambda k: any(_under(k, p) for p in bns)  # noqa: E731
     if strategy.base_trains == "none":
@@ -116,10 +191,12 @@ def frozen_keys(strategy: Strategy | str, keys, arch: str) -> list[str]:
 
 
 def check_expectations(strategy: Strategy | str, framework: str, *, train_eval_match: bool,
-                       frozen_unchanged: bool, bn_stats_changed: bool) -> list[str]:
-    """Failures, as sentences, of what a run showed against what ``strategy`` declares."""
+                       frozen_unchanged: bool, bn_stats_changed: bool,
+                       arch: str | None = None) -> list[str]:
+    """Failures, as sentences, of what a run showed against what ``strategy`` declares
+    (for ``arch``, where its expectation differs by arch)."""
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-    expected = strategy.expectation(framework)
+    expected = strategy.expectation(framework, arch)
     seen = {"train_eval_match": train_eval_match, "frozen_unchanged": frozen_unchanged,
             "bn_stats_changed": bn_stats_changed}
     return [f"{strategy.name}[{framework}]: expected {name}={getattr(expected, name)}, got {value}"

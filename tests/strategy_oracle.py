@@ -106,3 +106,37 @@ def resnet_moved_by_one_step(strategy: str, framework: str) -> set[str]:
         "full": set(HEAD + k["conv"] + k["bn_affine"] + k["bn_stats"]),
         "naive": set(HEAD + (k["bn_stats"] if framework == "torch" else [])),
     }[strategy]
+
+
+# --- vit: every canonical tensor (timm's keys under "base."), by hand ----------------------------
+
+def vit_keys(depth: int = 4) -> dict[str, list[str]]:
+    """The shipped ViT's base tensors: embeddings, `depth` pre-norm blocks, final norm."""
+    embed = ["base.cls_token", "base.pos_embed", "base.patch_embed.proj.weight",
+             "base.patch_embed.proj.bias"]
+    blocks = {i: [f"base.blocks.{i}.{leaf}.{p}" for leaf in
+                  ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                  for p in ("weight", "bias")] for i in range(depth)}
+    return {"embed": embed, "blocks": blocks, "norm": ["base.norm.weight", "base.norm.bias"]}
+
+
+def vit_base_keys() -> list[str]:
+    k = vit_keys()
+    return k["embed"] + [x for i in sorted(k["blocks"]) for x in k["blocks"][i]] + k["norm"]
+
+
+# lora: rank-4 adapters on each block's attn.proj, mlp.fc1, mlp.fc2
+VIT_LORA = [f"base.blocks.{i}.{t}.{ab}" for i in range(4) for t in ("attn.proj", "mlp.fc1", "mlp.fc2")
+            for ab in ("lora_A", "lora_B")]
+
+
+def vit_moved_by_run(strategy: str) -> set[str]:
+    """What a vit run of ``strategy`` must change (no BatchNorm: the same in both frameworks)."""
+    return {
+        "frozen": set(HEAD),
+        "feature_extraction": set(HEAD),
+        "partial": set(HEAD + vit_keys()["blocks"][3]),
+        "full": set(HEAD + vit_base_keys()),
+        "naive": set(HEAD),
+        "lora": set(HEAD + VIT_LORA),
+    }[strategy]

@@ -180,3 +180,39 @@ def test_cli_pretrain_ship_with_epochs_or_out_exit_2_one_line(tmp_path, extra, m
     assert done.stderr == ("freeze-parity pretrain: error: --ship uses the default recipe and "
                            "location: no --epochs or --out\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- #
+# the shipped vit
+# --------------------------------------------------------------------------- #
+def test_shipped_vit_hash_recipe_and_source_accuracy():
+    """sha256 and recipe as tinyconv's; loads into both frameworks with equal inference
+    outputs; held-out source accuracy measured here in torch."""
+    import torch  # noqa: F401  (before TensorFlow)
+
+    from tf_impl import model as tf_model
+    from tf_impl import weights as tf_weights
+    from torch_impl import model as torch_model
+    from torch_impl import train as torch_train
+    from torch_impl import weights as torch_weights
+
+    recipe = json.loads(recipe_path("vit").read_text())
+    path = SHIPPED_DIR / recipe["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == recipe["sha256"]
+    assert shipped_checkpoint("vit") == path
+    assert recipe["size_bytes"] == path.stat().st_size <= MAX_SHIPPED_BYTES
+    assert recipe["pretrain_config"] == asdict(PretrainConfig(arch="vit"))
+    tensors, meta = load_checkpoint(path)
+    assert meta["arch"] == "vit"
+    x_torch = torch_model.build_model("vit", len(data.SOURCE_CLASSES))
+    torch_weights.import_weights(x_torch, tensors)
+    x_tf = tf_model.build_model("vit", len(data.SOURCE_CLASSES))
+    tf_weights.import_weights(x_tf, tensors)
+    source = data.load_domains().source_test
+    loss, accuracy = torch_train.evaluate(x_torch, source)
+    assert accuracy >= MIN_SOURCE_ACCURACY
+    assert accuracy == pytest.approx(recipe["source_test_accuracy"], abs=1 / len(source))
+    from tf_impl import train as tf_train
+
+    tf_loss, tf_accuracy = tf_train.evaluate(x_tf, source)
+    assert abs(tf_accuracy - accuracy) <= 1 / len(source) and np.isfinite(tf_loss)

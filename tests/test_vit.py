@@ -254,12 +254,25 @@ def test_keras_drop_path_drops_whole_samples_only_in_training():
 
 
 # --------------------------------------------------------------------------- #
-# what vit does not do yet
+# what vit does not do (yet)
 # --------------------------------------------------------------------------- #
-def test_vit_not_in_fine_tuning_pipeline_one_line_error():
-    with pytest.raises(ValueError, match=r"run config: arch 'vit' is not in the fine-tuning "
-                                         r"pipeline yet"):
-        RunConfig(arch="vit")
+def test_vit_bn_adapt_refused_one_line():
+    with pytest.raises(ValueError, match=r"strategy 'bn_adapt' does not run on arch 'vit': it "
+                                         r"adapts BatchNorm and vit has none"):
+        RunConfig(arch="vit", strategy="bn_adapt")
+
+
+def test_lora_refused_on_batchnorm_arch_one_line():
+    with pytest.raises(ValueError, match=r"strategy 'lora' does not run on arch 'tinyconv'"):
+        RunConfig(arch="tinyconv", strategy="lora")
+
+
+def test_vit_not_in_bench_one_line_error():
+    from shared.archs import require_pipeline_arch
+
+    with pytest.raises(ValueError, match=r"bench: arch 'vit' is not in this part of the "
+                                         r"fine-tuning pipeline yet"):
+        require_pipeline_arch("vit", "bench")
 
 
 @pytest.mark.parametrize("framework", ["torch", "tf"])

@@ -22,9 +22,11 @@ from tf_impl.model import named_leaves
 __all__ = ["SplitAttention", "split_qkv", "add_lora", "lora_tensors", "set_lora_tensors",
            "merge"]
 
-TARGETS = ("q", "k", "v", "proj")
+TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
 # canonical target -> MultiHeadAttention sublayer
 _SUBLAYER = {"q": "query_dense", "k": "key_dense", "v": "value_dense", "proj": "output_dense"}
+# targets in each block's MLP (Dense: kernel (in, out), A (in, r), B (r, out))
+_MLP = ("fc1", "fc2")
 
 # Keras's MultiHeadAttention already has separate query/key/value layers.
 SplitAttention = keras.layers.MultiHeadAttention
@@ -47,10 +49,23 @@ def _attentions(base):
             if isinstance(layer, keras.layers.MultiHeadAttention)]
 
 
+def _targets(base, targets=TARGETS) -> list[tuple[str, keras.layers.Layer, str]]:
+    """(canonical prefix, layer, target) of every ``targets`` layer, block by block."""
+    out = []
+    for path, layer in named_leaves(base):
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            out += [(f"base.{path}.{t}", getattr(layer, _SUBLAYER[t]), t) for t in targets
+                    if t in _SUBLAYER]
+        elif path.rsplit(".", 2)[-2:] in ([["mlp", t] for t in _MLP if t in targets]):
+            out.append((f"base.{path}", layer, path.rsplit(".", 1)[-1]))
+    return out
+
+
 def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
              dropout: float = 0.0):
-    """``enable_lora(rank, lora_alpha=alpha)`` on each block's attention ``targets``; every
-    other variable frozen but the head's (if a model with a head is given). In place."""
+    """``enable_lora(rank, lora_alpha=alpha)`` on each block's attention (``q``, ``k``,
+    ``v``, ``proj``) and MLP (``fc1``, ``fc2``) ``targets``; every other variable frozen but
+    the head's (if a model with a head is given). In place."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise ValueError(f"add_lora: targets {tuple(targets)!r}: expected some of {TARGETS}")
@@ -63,14 +78,11 @@ def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
     attentions = _attentions(base)
     if not attentions:
         raise ValueError(f"add_lora: no MultiHeadAttention in {base.name!r} (built?)")
-    for _, attn in attentions:
-        for target in targets:
-            layer = getattr(attn, _SUBLAYER[target])
-            layer.enable_lora(rank, lora_alpha=alpha)
-            _lora_in_layer_dtype(layer)
-    lora = {id(v) for _, attn in attentions for t in targets
-            for v in (getattr(attn, _SUBLAYER[t]).lora_kernel_a,
-                      getattr(attn, _SUBLAYER[t]).lora_kernel_b)}
+    layers = [layer for _, layer, _ in _targets(base, targets)]
+    for layer in layers:
+        layer.enable_lora(rank, lora_alpha=alpha)
+        _lora_in_layer_dtype(layer)
+    lora = {id(v) for layer in layers for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
     for variable in base.weights:
         variable.trainable = id(variable) in lora
     if head is not None:
@@ -95,21 +107,17 @@ def _lora_in_layer_dtype(layer) -> None:
         layer._tracker.lock()
 
 
-def _adapters(model_or_base) -> dict[str, tuple[keras.layers.EinsumDense, str]]:
+def _adapters(model_or_base) -> dict[str, tuple[keras.layers.Layer, str]]:
     base, _ = _parts(model_or_base)
-    out = {}
-    for path, attn in _attentions(base):
-        for target, sub in _SUBLAYER.items():
-            layer = getattr(attn, sub)
-            if layer.lora_enabled:
-                out[f"{path}.{target}"] = (layer, target)
-    return out
+    return {prefix: (layer, target) for prefix, layer, target in _targets(base)
+            if layer.lora_enabled}
 
 
 def _to_canonical(a: np.ndarray, b: np.ndarray, target: str, key: str):
     """Keras (A, B) -> canonical (lora_A (r, in), lora_B (out, r))."""
     rank = b.shape[0]
-    if target == "proj":  # A (heads, head_dim, r): input feature h * head_dim + j
+    # proj: A (heads, head_dim, r), input feature h * head_dim + j; fc1/fc2: A (in, r)
+    if target in ("proj",) + _MLP:
         return np.ascontiguousarray(a.reshape(-1, rank).T), np.ascontiguousarray(b.T)
     if a.shape[1] != 1:  # A (width, heads, r), B (r, head_dim) shared by the heads
         raise ValueError(f"lora tensors: key {key!r}: Keras's per-head adapter (A {a.shape}, "
@@ -144,8 +152,8 @@ def set_lora_tensors(model_or_base, tensors: dict[str, np.ndarray],
     for prefix, (layer, target) in adapters.items():
         shape_a, shape_b = tuple(layer.lora_kernel_a.shape), tuple(layer.lora_kernel_b.shape)
         rank = shape_b[0]
-        in_dim = int(np.prod(shape_a[:-1])) if target == "proj" else shape_a[0]
-        if target != "proj" and shape_a[1] != 1:
+        in_dim = int(np.prod(shape_a[:-1])) if target in ("proj",) + _MLP else shape_a[0]
+        if target in _SUBLAYER and target != "proj" and shape_a[1] != 1:
             raise ValueError(f"{where}: key {prefix!r}: Keras's per-head adapter (A {shape_a}) "
                              f"has no rank-r canonical form unless heads == 1")
         expected = {"lora_A": (rank, in_dim), "lora_B": (shape_b[1], rank)}

@@ -179,9 +179,24 @@ class FineTuneModel(keras.Model):
         self.arch = arch
         self.feature_dim = feature_dim
         self.image_size = image_size
+        self._pinned: list[str] = []
 
     def call(self, x, training=None):
-        return self.head(self.base(x, training=training), training=training)
+        base_training = False if self._pinned else training
+        return self.head(self.base(x, training=base_training), training=training)
+
+    def pin_inference(self, names: list[str]) -> None:
+        """Call the named parts (``[]`` or ``["base"]``) with ``training=False`` in every
+        later call: ``trainable=False`` switches no Dropout or DropPath off (a BatchNorm
+        needs no pin: a non-trainable one runs in inference mode). Mirrors torch's."""
+        if list(names) not in ([], ["base"]):
+            raise ValueError(f"pin_inference: {list(names)!r}: a Keras FineTuneModel pins [] or "
+                             f"['base'] (a non-trainable BatchNorm runs in inference mode already)")
+        self._pinned = list(names)
+
+    @property
+    def pinned_inference(self) -> list[str]:
+        return list(self._pinned)
 
     def features(self, x, training=False):
         return self.base(x, training=training)

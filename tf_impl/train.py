@@ -96,8 +96,10 @@ def norm_layer_for(arch: str, strategy: str, reconcile_bn_variance: bool = True,
     """BatchNorm factory: the legacy layer for ``naive``, torch's variance convention for parity.
 
     ``synchronized=True``: Keras's ``BatchNormalization(synchronized=True)``, batch
-    moments over every replica of a distribution strategy.
+    moments over every replica of a distribution strategy. None for vit (no BatchNorm).
     """
+    if arch == "vit":
+        return None
     if strategy == "naive":
         cls = LegacyBatchNormalization
     elif reconcile_bn_variance:
@@ -261,8 +263,14 @@ class _OneProcess:
 
 
 def _state(model) -> dict[str, np.ndarray]:
-    # float64 so that a float64 run's snapshot loses nothing
-    return {**export_weights(model, np.float64), **export_bookkeeping(model)}
+    # float64 so that a float64 run's snapshot loses nothing; LoRA adapters (``lora``) under
+    # their canonical keys (``base.blocks.0.attn.proj.lora_A``)
+    adapters = {}
+    if model.arch == "vit":
+        from tf_impl.lora import lora_tensors
+
+        adapters = {k: v.astype(np.float64) for k, v in lora_tensors(model).items()}
+    return {**export_weights(model, np.float64), **export_bookkeeping(model), **adapters}
 
 
 class Stepper:
@@ -294,7 +302,7 @@ class Stepper:
                                  dtype=config.dtype)
         self.replica.attach(self.model)
         import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
-        apply_strategy(self.model, self.strategy)
+        apply_strategy(self.model, self.strategy, adapter_seed=config.seed)
         images = self.prepared.train.images.astype(config.dtype)
         if self.strategy.cached_features:
             # Split the model: the base runs once, in inference mode, over the training and

@@ -26,7 +26,9 @@ from torch import nn
 __all__ = ["SplitAttention", "split_qkv", "add_lora", "lora_tensors", "set_lora_tensors",
            "merge"]
 
-TARGETS = ("q", "k", "v", "proj")
+TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+# targets in each block's MLP (the rest are in its attention)
+_MLP = ("fc1", "fc2")
 _ADAPTER = "default"
 
 
@@ -91,8 +93,9 @@ def _parts(model_or_base):
 
 def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
              dropout: float = 0.0):
-    """PEFT LoRA (rank, alpha, dropout) on each block's attention ``targets``; every other
-    tensor frozen but the head's (if a model with a head is given). In place; returns it.
+    """PEFT LoRA (rank, alpha, dropout) on each block's attention (``q``, ``k``, ``v``,
+    ``proj``) and MLP (``fc1``, ``fc2``) ``targets``; every other tensor frozen but the
+    head's (if a model with a head is given). In place; returns it.
 
     ``targets`` may hold ``"qkv"`` (timm's fused Linear, kept fused: the unfaithful pairing).
     """
@@ -104,7 +107,8 @@ def add_lora(model_or_base, rank: int, alpha: float, targets=("q", "k", "v"),
     base, head = _parts(model_or_base)
     if set(targets) & {"q", "k", "v"}:
         split_qkv(base)
-    pattern = r".*\.attn\.(" + "|".join(re.escape(t) for t in targets) + r")$"
+    paths = [("mlp." if t in _MLP else "attn.") + t for t in targets]
+    pattern = r".*\.(" + "|".join(re.escape(p) for p in paths) + r")$"
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern,
                         lora_dropout=dropout, bias="none")
     inject_adapter_in_model(config, base)

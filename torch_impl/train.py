@@ -171,8 +171,14 @@ class _OneProcess:
 
 
 def _state(model: nn.Module) -> dict[str, np.ndarray]:
-    # float64 so that a float64 run's snapshot loses nothing
-    return {**export_weights(model, np.float64), **export_bookkeeping(model)}
+    # float64 so that a float64 run's snapshot loses nothing; LoRA adapters (``lora``) under
+    # their canonical keys (``base.blocks.0.attn.proj.lora_A``)
+    adapters = {}
+    if model.arch == "vit":
+        from torch_impl.lora import lora_tensors
+
+        adapters = {k: v.astype(np.float64) for k, v in lora_tensors(model).items()}
+    return {**export_weights(model, np.float64), **export_bookkeeping(model), **adapters}
 
 
 class Stepper:
@@ -192,7 +198,7 @@ class Stepper:
             self.model = build_model(config.arch, self.prepared.num_classes,
                                      head_dropout=config.head_dropout, dtype=config.dtype)
             import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
-            apply_strategy(self.model, self.strategy)
+            apply_strategy(self.model, self.strategy, adapter_seed=config.seed)
             self.optimizer = make_optimizer(config, trainable_parameters(self.model))
             if self.strategy.cached_features:
                 # Split the model: the base runs once, in inference mode, over the training and

@@ -30,9 +30,13 @@ _BOOKKEEPING = "num_batches_tracked"
 
 
 def _canonical_items(model: nn.Module):
+    # A PEFT LoRA layer (torch_impl/lora.py) keeps the wrapped Linear as ``base_layer``: its
+    # weight is still the canonical ``...attn.proj.weight``; the adapters are not canonical
+    # model tensors (``lora.lora_tensors`` reads them under their own keys).
     for key, value in model.state_dict(keep_vars=True).items():
-        if key.rsplit(".", 1)[-1] != _BOOKKEEPING:
-            yield key, value
+        if key.rsplit(".", 1)[-1] == _BOOKKEEPING or ".lora_A." in key or ".lora_B." in key:
+            continue
+        yield key.replace(".base_layer.", "."), value
 
 
 def canonical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from shared import shipped
-from shared.archs import PIPELINE_ARCHS
+from shared.archs import RUN_ARCHS
 from shared.errors import UsageError
 from shared.frameworks import FRAMEWORKS
 from shared.pretrain import (
@@ -19,7 +19,7 @@ from shared.pretrain import (
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
+    parser.add_argument("--arch", choices=RUN_ARCHS, default="tinyconv")
     parser.add_argument("--framework", choices=FRAMEWORKS, default="torch",
                         help="framework that trains (either's checkpoint loads into the other)")
     parser.add_argument("--out", type=Path, default=None,

@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 
 from shared import frameworks
-from shared.archs import PIPELINE_ARCHS
+from shared.archs import RUN_ARCHS
 from shared.compare import expectation_failures
 from shared.errors import UsageError
 from shared.io import atomic_write_text, check_output_file
 from shared.record import OPTIMIZERS, RunConfig
-from shared.strategies import STRATEGIES
+from shared.strategies import ALL_STRATEGIES
 
 
 def add_parser(parser) -> None:
     parser.add_argument("--framework", choices=frameworks.FRAMEWORKS, required=True)
-    parser.add_argument("--strategy", choices=list(STRATEGIES), required=True)
-    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
+    parser.add_argument("--strategy", choices=list(ALL_STRATEGIES), required=True)
+    parser.add_argument("--arch", choices=RUN_ARCHS, default="tinyconv")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps (default: tinyconv 100, resnet18 30)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
