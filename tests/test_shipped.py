@@ -209,7 +209,7 @@ def test_shipped_vit_hash_recipe_and_source_accuracy():
     x_tf = tf_model.build_model("vit", len(data.SOURCE_CLASSES))
     tf_weights.import_weights(x_tf, tensors)
     source = data.load_domains().source_test
-    loss, accuracy = torch_train.evaluate(x_torch, source)
+    _loss, accuracy = torch_train.evaluate(x_torch, source)
     assert accuracy >= MIN_SOURCE_ACCURACY
     assert accuracy == pytest.approx(recipe["source_test_accuracy"], abs=1 / len(source))
     from tf_impl import train as tf_train

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 import pytest
-import torch  # noqa: F401  (before TensorFlow: docs/PORTING.md)
+import torch
 from strategy_oracle import HEAD, VIT_LORA, vit_base_keys, vit_moved_by_run
 
 from shared.compare import expectation_failures
@@ -81,6 +81,9 @@ def test_vit_lora_trains_a_hand_counted_fraction_of_full():
 def test_cross_lora_pipeline_targets_forward_agree():
     """Keras's output-projection (A (heads, head_dim, r)) and Dense adapters equal PEFT's on
     timm's attn.proj / mlp.fc1 / mlp.fc2 at 4 heads: same base, same non-zero adapters."""
+    from shared.checkpoint import load_checkpoint
+    from shared.init import head_init
+    from shared.shipped import shipped_checkpoint
     from tf_impl import freeze as tf_freeze
     from tf_impl import lora as tf_lora
     from tf_impl import model as tf_model
@@ -89,10 +92,6 @@ def test_cross_lora_pipeline_targets_forward_agree():
     from torch_impl import lora as torch_lora
     from torch_impl import model as torch_model
     from torch_impl import weights as torch_weights
-
-    from shared.checkpoint import load_checkpoint
-    from shared.init import head_init
-    from shared.shipped import shipped_checkpoint
 
     tensors, _ = load_checkpoint(shipped_checkpoint("vit"))
     start = {**{k: v for k, v in tensors.items() if k.startswith("base.")}, **head_init(64, 10, 0)}
