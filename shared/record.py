@@ -69,7 +69,7 @@ class RunConfig:
     # float32 is what users run; float64 shows that cross-framework differences are
     # float32 rounding (amplified by batch-statistics backward), not different maths
     dtype: str = "float32"
-    # canonical pretrained checkpoint; None = the shipped one (tinyconv) or the cached one
+    # canonical pretrained checkpoint; None = the shipped one (tinyconv, vit) or the cached one
     # (resnet18, pretrained on first use); "cache" = the cache's, pretrained here if absent
     checkpoint: str | None = None
     # None: the run as it is. A seed: a rerun whose float32 rounding differs from the run's

@@ -26,13 +26,13 @@ def add_parser(parser) -> None:
     parser.add_argument("--strategy", choices=list(ALL_STRATEGIES), required=True)
     parser.add_argument("--arch", choices=RUN_ARCHS, default="tinyconv")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: tinyconv 100, resnet18 30)")
+                        help="optimizer steps (default: tinyconv 100, resnet18 30, vit 30)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 0.01), Adam 0.001")
+    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 and vit 0.01), Adam 0.001")
     parser.add_argument("--checkpoint", default=None,
                         help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
-                             "here on first use); default: the shipped one (tinyconv) or the "
-                             "cache's (resnet18)")
+                             "here on first use); default: the shipped one (tinyconv, vit) or "
+                             "the cache's (resnet18)")
     parser.add_argument("--json", type=Path, default=None, help="write the RunRecord here")
     parser.add_argument("--replicas", type=int, default=1,
                         help="data-parallel replicas (torch: DDP ranks under torchrun; tf: "
