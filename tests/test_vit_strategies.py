@@ -116,3 +116,56 @@ def test_cross_lora_pipeline_targets_forward_agree():
     y_tf = np.asarray(k(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), training=False))
     assert np.abs(y_torch - y_plain).max() > 1e-2, "the adapters changed nothing"
     np.testing.assert_allclose(y_tf, y_torch, rtol=FORWARD_RTOL, atol=FORWARD_ATOL)
+
+
+def test_cross_lora_training_state_carries_the_adapters_both_ways():
+    """The compare matrix's lockstep moves a training state between the frameworks: for
+    lora it holds the adapters (canonical ``<layer>.lora_A`` (r, in), ``.lora_B`` (out, r))
+    and their momentum, and the optimizer's parameters are exactly the head and the
+    adapters (hand-listed). torch -> Keras -> canonical again is bit-identical, and Keras's
+    adapters then read back through tf_impl.lora's own converter as torch's."""
+    from tf_impl import lora as tf_lora
+    from tf_impl import train as tf_train
+    from tf_impl import weights as tf_weights
+    from torch_impl import train as torch_train
+    from torch_impl import weights as torch_weights
+
+    config = RunConfig(arch="vit", strategy="lora", steps=2, batch_size=BATCH,
+                       base_dropout=False)
+    t = torch_train.Stepper(config)
+    for idx in t.prepared.indices[:2]:
+        t.step(idx)
+    state = torch_weights.export_training_state(t.model, t.optimizer)
+    assert sorted(state.parameters) == sorted(HEAD + VIT_LORA)
+    assert sorted(state.slots["momentum_buffer"]) == sorted(HEAD + VIT_LORA)
+    assert state.tensors["base.blocks.0.attn.proj.lora_A"].shape == (4, 64)
+    assert state.tensors["base.blocks.0.mlp.fc1.lora_B"].shape == (128, 4)
+    assert np.abs(state.tensors["base.blocks.3.mlp.fc2.lora_B"]).max() > 0  # trained: moved
+
+    k = tf_train.Stepper(config)
+    tf_weights.import_training_state(k.model, k.trainee.optimizer, state)
+    back = tf_weights.export_training_state(k.model, k.trainee.optimizer)
+    assert back.tensors.keys() == state.tensors.keys() and back.parameters != []
+    for key, value in state.tensors.items():
+        np.testing.assert_array_equal(back.tensors[key], value, err_msg=key)
+    # Keras holds the velocity v = -lr * b in float32: b -> v rounds once (half a float32
+    # ulp, relative), v -> b in float64 is exact up to float64 rounding
+    for key, value in state.slots["momentum_buffer"].items():
+        np.testing.assert_allclose(back.slots["momentum_buffer"][key], value, err_msg=key,
+                                   rtol=float(np.finfo(np.float32).eps), atol=0)
+    for key, value in tf_lora.lora_tensors(k.model).items():
+        np.testing.assert_array_equal(value, state.tensors[key].astype(np.float32), err_msg=key)
+
+
+def test_keras_training_state_refuses_per_head_query_lora():
+    """Keras's query/key/value LoRA is per head: no canonical rank-r form at 4 heads."""
+    from tf_impl import lora as tf_lora
+    from tf_impl import model as tf_model
+    from tf_impl import weights as tf_weights
+
+    model = tf_model.build_model("vit", 10)
+    tf_lora.add_lora(model, 4, 8.0, targets=("q", "proj"))
+    with pytest.raises(ValueError, match=r"base\.blocks\.0\.attn: LoRA on MultiHeadAttention's "
+                                         r"query/key/value is per head"):
+        tf_weights.export_training_state(model, __import__("keras").optimizers.SGD(0.1))
+    assert "base.blocks.0.attn.proj.lora_A" not in tf_weights.export_weights(model)

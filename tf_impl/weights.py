@@ -55,9 +55,19 @@ def _kernel(layer) -> keras.Variable:
     return layer._kernel if getattr(layer, "lora_enabled", False) else layer.kernel
 
 
-def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
+def _adapter_variables(prefix: str, layer, adapters: bool) -> dict[str, tuple]:
+    """``layer``'s LoRA kernels (``adapters`` and LoRA enabled): ``<prefix>.lora_A`` (Keras
+    A: kernel shape[:-1] + (r,), canonical (r, in)) and ``.lora_B`` ((r, out) -> (out, r))."""
+    if not adapters or not getattr(layer, "lora_enabled", False):
+        return {}
+    return {f"{prefix}.lora_A": (layer.lora_kernel_a, "lora_a"),
+            f"{prefix}.lora_B": (layer.lora_kernel_b, "dense")}
+
+
+def _variables(model, adapters: bool = False) -> dict[str, tuple[keras.Variable, str]]:
     """Canonical key -> (Keras variable, layout kind) for every weighted leaf layer; for a
-    fused kind (``_FUSED``) a tuple of variables."""
+    fused kind (``_FUSED``) a tuple of variables. ``adapters``: LoRA's kernels too (a
+    training state's; a checkpoint holds none)."""
     out: dict[str, tuple[keras.Variable, str]] = {}
     for path, layer in named_leaves(model):
         if isinstance(layer, Weight):
@@ -71,6 +81,11 @@ def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
             out[f"{path}.qkv.bias"] = (tuple(d.bias for d in parts), "qkv_bias")
             out[f"{path}.proj.weight"] = (_kernel(layer.output_dense), "attn_out")
             out[f"{path}.proj.bias"] = (layer.output_dense.bias, "vector")
+            if adapters and any(getattr(d, "lora_enabled", False) for d in parts):
+                raise ValueError(f"training state: {path}: LoRA on MultiHeadAttention's "
+                                 f"query/key/value is per head and has no canonical (rank-r "
+                                 f"of the fused qkv) form; target the output projection")
+            out.update(_adapter_variables(f"{path}.proj", layer.output_dense, adapters))
         elif isinstance(layer, keras.layers.BatchNormalization):
             out[f"{path}.weight"] = (layer.gamma, "vector")
             out[f"{path}.bias"] = (layer.beta, "vector")
@@ -81,6 +96,7 @@ def _variables(model) -> dict[str, tuple[keras.Variable, str]]:
             out[f"{path}.weight"] = (_kernel(layer), kind)
             if layer.use_bias:
                 out[f"{path}.bias"] = (layer.bias, "vector")
+            out.update(_adapter_variables(path, layer, adapters))
         else:
             raise TypeError(f"weights: no canonical mapping for layer {path!r} "
                             f"of type {type(layer).__name__}")
@@ -94,7 +110,8 @@ def _to_canonical(value, kind: str) -> np.ndarray:
             [part.reshape(part.shape[0], -1).T for part in value], axis=0))
     if kind == "qkv_bias":  # (heads, head_dim) each -> [q; k; v]
         return np.ascontiguousarray(np.concatenate([part.reshape(-1) for part in value]))
-    if kind == "attn_out":  # (heads, head_dim, width) -> (out = width, in = heads * head_dim)
+    if kind in ("attn_out", "lora_a"):  # (heads, head_dim, width) -> (width, heads * head_dim);
+        # LoRA A (..., r) -> (r, in)
         return np.ascontiguousarray(value.reshape(-1, value.shape[-1]).T)
     axes = _TO_CANONICAL[kind]
     return np.ascontiguousarray(value if axes is None else np.transpose(value, axes))
@@ -108,7 +125,7 @@ def _from_canonical(value: np.ndarray, kind: str, shape) -> np.ndarray | tuple[n
     if kind == "qkv_bias":
         size = value.shape[0] // 3
         return tuple(value[i * size:(i + 1) * size].reshape(shape) for i in range(3))
-    if kind == "attn_out":
+    if kind in ("attn_out", "lora_a"):
         return value.T.reshape(shape)
     axes = _FROM_CANONICAL[kind]
     return value if axes is None else np.transpose(value, axes)
@@ -127,23 +144,28 @@ def _shape(var, kind: str) -> tuple[int, ...]:
     return _to_canonical(zeros if kind in _FUSED else zeros[0], kind).shape
 
 
-def canonical_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Canonical key -> shape (torch layout) for every tensor of ``model``."""
-    return {key: _shape(var, kind) for key, (var, kind) in _variables(model).items()}
+def canonical_shapes(model, adapters: bool = False) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape (torch layout) for every tensor of ``model`` (``adapters``:
+    LoRA's too)."""
+    return {key: _shape(var, kind) for key, (var, kind) in _variables(model, adapters).items()}
 
 
-def export_weights(model, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Every weight and BN statistic as numpy (float32 = the canonical form), canonical keys."""
-    return {key: _read(var, kind, dtype) for key, (var, kind) in _variables(model).items()}
+def export_weights(model, dtype=np.float32, adapters: bool = False) -> dict[str, np.ndarray]:
+    """Every weight and BN statistic as numpy (float32 = the canonical form), canonical
+    keys; ``adapters``: LoRA's tensors too (a training state's)."""
+    return {key: _read(var, kind, dtype)
+            for key, (var, kind) in _variables(model, adapters).items()}
 
 
-def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
-    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness.
+def import_weights(model, tensors: dict[str, np.ndarray], where: str = "tensors",
+                   adapters: bool = False) -> None:
+    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness
+    (``adapters``: LoRA's tensors too, a training state's).
 
     float32 or float64 arrays; float64 into a float32 model only where exact.
     """
-    variables = _variables(model)
-    check_tensors(tensors, canonical_shapes(model), where, FLOAT32_OR_64)
+    variables = _variables(model, adapters)
+    check_tensors(tensors, canonical_shapes(model, adapters), where, FLOAT32_OR_64)
     check_holdable(tensors, next(iter(variables.values()))[0].dtype, where)
     for key, (var, kind) in variables.items():
         _assign(var, tensors[key], kind)
@@ -221,7 +243,7 @@ def _optimized(model, optimizer) -> list[tuple[str, tuple, str, tuple[int, ...]]
     updated key. A fused key (``attn.qkv``: query, key, value) is updated whole or not at
     all: one canonical slot cannot hold a part trained and a part frozen."""
     out = []
-    for key, (var, layout) in _variables(model).items():
+    for key, (var, layout) in _variables(model, adapters=True).items():
         parts = _parts(var, layout)
         indices = []
         for part in parts:
@@ -262,7 +284,7 @@ def training_variables(model, optimizer=None) -> list:
     lists = _slot_variables(optimizer, _optimizer_kind(optimizer))
     slots = [variables[index] for *_, indices in _optimized(model, optimizer)
              for variables in lists for index in indices]
-    weights = [part for var, layout in _variables(model).values() for part in _parts(var, layout)]
+    weights = [part for var, layout in _variables(model, adapters=True).values() for part in _parts(var, layout)]
     return weights + slots + [optimizer.iterations]
 
 
@@ -281,8 +303,8 @@ def training_state_values(model, optimizer, state: TrainingState,
     if stray:
         raise ValueError(f"{where}: slot for {stray[0]!r}, which the optimizer does not update "
                          f"(frozen here, trained where the state comes from?)")
-    variables = _variables(model)
-    check_tensors(state.tensors, canonical_shapes(model), where, FLOAT32_OR_64)
+    variables = _variables(model, adapters=True)
+    check_tensors(state.tensors, canonical_shapes(model, adapters=True), where, FLOAT32_OR_64)
     check_holdable(state.tensors, _parts(*next(iter(variables.values())))[0].dtype, where)
     values = [value for key, (var, layout) in variables.items()
               for value in _keras_values(state.tensors[key], _parts(var, layout), layout)]
@@ -319,7 +341,7 @@ def training_state_from_values(model, optimizer, values: list[np.ndarray],
     kind = _optimizer_kind(optimizer)
     rest = iter(values)
     tensors = {}
-    for key, (var, layout) in _variables(model).items():
+    for key, (var, layout) in _variables(model, adapters=True).items():
         parts = [next(rest) for _ in _parts(var, layout)]
         tensors[key] = _canonical_value(parts, layout, dtype)
     lists = _slot_variables(optimizer, kind)
@@ -350,8 +372,9 @@ def export_training_state(model, optimizer=None, dtype=np.float64) -> TrainingSt
     if not optimizer.built:  # what it will be built on: the model's trainable variables
         kind = _optimizer_kind(optimizer)
         trainable = {id(var) for var in model.trainable_variables}
-        return TrainingState(export_weights(model, dtype), kind, {}, 0, _hyper(optimizer, kind),
-                             [key for key, (var, layout) in _variables(model).items()
+        return TrainingState(export_weights(model, dtype, adapters=True), kind, {}, 0,
+                             _hyper(optimizer, kind),
+                             [key for key, (var, layout) in _variables(model, adapters=True).items()
                               if _updated_whole(key, len(_parts(var, layout)),
                                                 sum(id(p) in trainable for p in _parts(var, layout)))])
     values = [keras.ops.convert_to_numpy(v) for v in training_variables(model, optimizer)]
@@ -399,7 +422,7 @@ def load_training_file(path, model, optimizer=None) -> TrainingState:
     Parameters are matched by canonical key, not by position.
     """
     where = f"training file {path}"
-    state, _ = read_training_file(path, expected=canonical_shapes(model))
+    state, _ = read_training_file(path, expected=canonical_shapes(model, adapters=True))
     import_training_state(model, optimizer, state, where)
     return state
 

@@ -9,6 +9,7 @@ part of the canonical form; import keeps the model's own counter.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,36 +30,55 @@ __all__ = ["canonical_shapes", "export_weights", "import_weights", "export_bookk
 _BOOKKEEPING = "num_batches_tracked"
 
 
-def _canonical_items(model: nn.Module):
+# PEFT's key for the default adapter's LoRA tensors: ``<layer>.lora_A.default.weight``
+_LORA_KEY = re.compile(r"\.(lora_[AB])\.default\.weight$")
+
+
+def _canonical_items(model: nn.Module, adapters: bool = False):
     # A PEFT LoRA layer (torch_impl/lora.py) keeps the wrapped Linear as ``base_layer``: its
-    # weight is still the canonical ``...attn.proj.weight``; the adapters are not canonical
-    # model tensors (``lora.lora_tensors`` reads them under their own keys).
+    # weight is still the canonical ``...attn.proj.weight``. The adapters are not canonical
+    # model tensors (a checkpoint holds none; ``lora.lora_tensors`` reads them under their
+    # own keys) but a training state's (``adapters``): ``<layer>.lora_A`` (r, in) and
+    # ``.lora_B`` (out, r), PEFT's own layout.
     for key, value in model.state_dict(keep_vars=True).items():
-        if key.rsplit(".", 1)[-1] == _BOOKKEEPING or ".lora_A." in key or ".lora_B." in key:
+        if key.rsplit(".", 1)[-1] == _BOOKKEEPING:
+            continue
+        if ".lora_" in key:
+            if not adapters:
+                continue
+            match = _LORA_KEY.search(key)
+            if match is None:
+                raise ValueError(f"weights: {key!r}: only the default adapter's lora_A and "
+                                 f"lora_B have a canonical form")
+            yield key[:match.start()] + "." + match.group(1), value
             continue
         yield key.replace(".base_layer.", "."), value
 
 
-def canonical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Canonical key -> shape for every tensor of ``model``."""
-    return {key: tuple(value.shape) for key, value in _canonical_items(model)}
+def canonical_shapes(model: nn.Module, adapters: bool = False) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape for every tensor of ``model`` (``adapters``: LoRA's too)."""
+    return {key: tuple(value.shape) for key, value in _canonical_items(model, adapters)}
 
 
-def export_weights(model: nn.Module, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Every parameter and BN statistic as numpy (float32 = the canonical form), canonical keys."""
+def export_weights(model: nn.Module, dtype=np.float32, adapters: bool = False
+                   ) -> dict[str, np.ndarray]:
+    """Every parameter and BN statistic as numpy (float32 = the canonical form), canonical
+    keys; ``adapters``: LoRA's tensors too (a training state's)."""
     return {key: value.detach().cpu().numpy().astype(dtype, copy=True)
-            for key, value in _canonical_items(model)}
+            for key, value in _canonical_items(model, adapters)}
 
 
 @torch.no_grad()
-def import_weights(model: nn.Module, tensors: dict[str, np.ndarray], where: str = "tensors") -> None:
-    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness.
+def import_weights(model: nn.Module, tensors: dict[str, np.ndarray], where: str = "tensors",
+                   adapters: bool = False) -> None:
+    """Load canonical tensors into ``model``; strict about keys, shapes, dtype, finiteness
+    (``adapters``: LoRA's tensors too, a training state's).
 
     float32 or float64 arrays; float64 into a float32 model only where exact.
     """
-    check_tensors(tensors, canonical_shapes(model), where, FLOAT32_OR_64)
+    check_tensors(tensors, canonical_shapes(model, adapters), where, FLOAT32_OR_64)
     check_holdable(tensors, str(next(model.parameters()).dtype).removeprefix("torch."), where)
-    for key, target in _canonical_items(model):
+    for key, target in _canonical_items(model, adapters):
         target.copy_(torch.from_numpy(np.ascontiguousarray(tensors[key])))  # casts to the model's dtype
 
 
@@ -84,7 +104,7 @@ def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
 
 def _optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
     """``(canonical key, parameter)`` for every parameter the optimizer updates."""
-    names = {id(p): k for k, p in model.named_parameters()}
+    names = {id(p): k for k, p in _canonical_items(model, adapters=True)}
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -120,7 +140,7 @@ def export_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         for name in OPTIMIZER_SLOTS[kind]:
             if state.get(name) is not None:
                 slots[name][key] = state[name].detach().cpu().numpy().astype(dtype, copy=True)
-    return TrainingState(export_weights(model, dtype), kind,
+    return TrainingState(export_weights(model, dtype, adapters=True), kind,
                          {name: values for name, values in slots.items() if values},
                          _step(optimizer, optimized), _hyper(optimizer.param_groups, kind),
                          [key for key, _ in optimized])
@@ -170,7 +190,7 @@ def import_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         if kind == "adam" and new:
             new["step"] = torch.tensor(float(state.step), dtype=torch.float32)
         pending.append((p, new))
-    import_weights(model, state.tensors, where)
+    import_weights(model, state.tensors, where, adapters=True)
     for p, new in pending:
         optimizer.state[p] = new
 
