@@ -15,12 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ARCHS = ("tinyconv", "resnet18", "vit")
-# The archs the whole fine-tuning pipeline (pretrain, run, compare, bench, explain) takes.
+# The archs every step of the fine-tuning pipeline (pretrain, run, compare, bench, explain)
+# takes.
 PIPELINE_ARCHS = ("tinyconv", "resnet18")
 # The archs `pretrain` and `run` take: vit too (its strategies: no BatchNorm, dropout and
-# drop-path instead; tests/test_vit_strategies.py). compare, bench and explain do not take
-# vit yet (their envelopes, tables and decompositions are per-BatchNorm work of issue 21).
+# drop-path instead; tests/test_vit_strategies.py). bench and explain do not take vit yet
+# (explain's decomposition is of BatchNorm's statistics).
 RUN_ARCHS = ("tinyconv", "resnet18", "vit")
+# The archs `compare` takes: vit's verdicts run with its dropout rates at 0 (verdict_config,
+# RunConfig.base_dropout), its train/eval trap on each framework's runs with them on
+# (shared/matrix.py).
+COMPARE_ARCHS = ("tinyconv", "resnet18", "vit")
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,19 @@ def verdict_config(arch: str):
     if isinstance(config, ViTConfig):
         return dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, drop_path=0.0)
     return config
+
+
+def has_base_dropout(arch: str) -> bool:
+    """Whether ``arch``'s base draws random masks in training mode (dropout, drop-path):
+    whether its verdict runs build :func:`verdict_config` rather than :func:`arch_config`."""
+    return verdict_config(arch) != arch_config(arch)
+
+
+def model_config(arch: str, base_dropout: bool = True):
+    """The config a run of ``arch`` builds: :func:`arch_config`, or with ``base_dropout``
+    False (``RunConfig.base_dropout``) :func:`verdict_config`."""
+    return arch_config(arch) if base_dropout else verdict_config(arch)
+
 
 def _down(size: int, stride: int) -> int:
     return -(-size // stride)  # 3x3 (or 7x7) padded convolutions and pools: ceil(size / stride)

@@ -36,7 +36,7 @@ import numpy as np
 
 from shared import frameworks
 from shared import tolerances as tol
-from shared.compare import EXPECTED_TO_DIFFER
+from shared.compare import expected_to_match
 from shared.record import RunConfig, RunRecord
 from shared.strategies import bn_prefixes, get_strategy
 from shared.training_state import TrainingState
@@ -436,7 +436,7 @@ def lockstep(config: RunConfig, follower=None, timings: dict | None = None,
     ran the follower's free run); the follower replays it step by step, and the record is
     the same bit for bit as when the reference trains here alongside (None).
     """
-    expected = get_strategy(config.strategy).name not in EXPECTED_TO_DIFFER
+    expected = expected_to_match(get_strategy(config.strategy).name, config.arch)
     record = LockstepRecord(config.strategy, config.arch, config.dtype, config.steps,
                             step_bounds(config.dtype, config).name, expected)
     observer = _Observer(config, record, follower, timings)

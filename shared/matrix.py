@@ -30,14 +30,15 @@ from dataclasses import dataclass, field
 
 from shared import frameworks
 from shared import tolerances as tol
-from shared.compare import Tolerance, compare_records, expectation_failures
+from shared.archs import has_base_dropout
+from shared.compare import Tolerance, compare_records, expectation_failures, expected_to_match
 from shared.envelope import Envelope, FreeRun, envelope_from, judge_free_run
-from shared.lockstep import EXPECTED_TO_DIFFER, LockstepRecord, ReferenceRun, lockstep
+from shared.lockstep import LockstepRecord, ReferenceRun, lockstep
 from shared.record import RunConfig, RunRecord
 from shared.worker import TorchWorker
 
 __all__ = ["EQUIVALENT", "FLOAT64_RUN", "WORKERS_ENV", "StrategyResult", "envelope_of",
-           "exact_config", "run_matrix", "run_strategy", "workers"]
+           "exact_config", "run_matrix", "run_strategy", "verdict_run_config", "workers"]
 
 # strategy -> the strategy whose envelope and float64 run it shares (the same maths)
 EQUIVALENT = {"frozen": "feature_extraction"}
@@ -58,10 +59,18 @@ class StrategyResult:
     envelope: Envelope | None = None
     exact: RunRecord | None = None   # the float64 run from the same start (torch)
     expectations: dict[str, list[str]] = field(default_factory=dict)
+    # an arch with dropout in its base (vit): each framework's run with it on (what users
+    # run), judged against the declared train/eval expectations only; ``tf``, ``torch`` and
+    # every verdict are then of the runs with the rates at 0 (RunConfig.base_dropout)
+    dropout: dict[str, RunRecord] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return self.tf.arch
 
     @property
     def expected_to_match(self) -> bool:
-        return self.strategy not in EXPECTED_TO_DIFFER
+        return expected_to_match(self.strategy, self.arch)
 
     @property
     def failures(self) -> list[str]:
@@ -93,6 +102,16 @@ def exact_config(config: RunConfig) -> RunConfig:
     """The float64 run from the same start; held-out losses after the first and last step only
     (a float64 pass over the held-out split costs about ten float32 ones)."""
     return dataclasses.replace(config, dtype="float64", eval_every=config.steps)
+
+
+def verdict_run_config(config: RunConfig) -> RunConfig:
+    """The config the verdicts of ``config`` run: on an arch with dropout in its base (vit)
+    the same run with the rates at 0 (``base_dropout=False``): each framework draws its own
+    masks, so with them on neither a step from the other's state nor a rerun whose rounding
+    differs could be compared. ``config`` itself otherwise."""
+    if config.base_dropout and has_base_dropout(config.arch):
+        return dataclasses.replace(config, base_dropout=False)
+    return config
 
 
 def _run(framework: str, config: RunConfig) -> RunRecord:
@@ -171,29 +190,42 @@ class _Stepped:
     torch: RunRecord
     lockstep: LockstepRecord
     expectations: dict[str, list[str]]
+    dropout: dict[str, RunRecord] = field(default_factory=dict)
 
 
 def _step(config: RunConfig, shared: _Shared, note: Callable[[str], None]) -> _Stepped:
+    """``config``'s Keras free run and lockstep (of :func:`verdict_run_config`), and where
+    that is another config, both frameworks' runs of ``config`` itself."""
+    verdict = verdict_run_config(config)
     note("tf run")
     tf_train = frameworks.load("tf", "train")
-    follower = tf_train.Stepper(config)
-    tf_record = tf_train.run(config, stepper=follower)
+    follower = tf_train.Stepper(verdict)
+    tf_record = tf_train.run(verdict, stepper=follower)
     note("lockstep")  # the same Keras model again, loaded with torch's state at every step
-    torch_record, lock = lockstep(config, follower, reference=shared.reference(config))
+    torch_record, lock = lockstep(verdict, follower, reference=shared.reference(verdict))
     expectations = {r.framework: expectation_failures(r) for r in (tf_record, torch_record)}
-    return _Stepped(tf_record, torch_record, lock, expectations)
+    dropout = {}
+    if verdict != config:
+        note("tf run, dropout on")
+        dropout = {"tf": tf_train.run(config)}
+        note("torch run, dropout on")
+        dropout["torch"] = shared.get(config)
+        for fw, record in dropout.items():
+            expectations[fw] = expectations[fw] + expectation_failures(record)
+    return _Stepped(tf_record, torch_record, lock, expectations, dropout)
 
 
 def _judge(config: RunConfig, shared: _Shared, stepped: _Stepped, seeds: tuple[int, ...],
            max_seeds: int, note: Callable[[str], None]) -> StrategyResult:
     tf_record, torch_record, lock = stepped.tf, stepped.torch, stepped.lockstep
-    expected = config.strategy not in EXPECTED_TO_DIFFER
+    config = verdict_run_config(config)
+    expected = expected_to_match(config.strategy, config.arch)
     if config.dtype == "float64":
         cmp = compare_records(tf_record, torch_record, FLOAT64_RUN)  # naive: must differ
         free = FreeRun(config.strategy, expected, 0.0, cmp.max_diff, "", 0.0, "")
         free.failures += cmp.failures
         return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
-                              expectations=stepped.expectations)
+                              expectations=stepped.expectations, dropout=stepped.dropout)
     note("float64 run")
     exact = _as_strategy(shared.float64(config), config.strategy) if expected else None
     reruns = []
@@ -213,7 +245,7 @@ def _judge(config: RunConfig, shared: _Shared, stepped: _Stepped, seeds: tuple[i
         env = envelope_from(base, reruns)
         free = judge_free_run(tf_record, torch_record, env, exact, expected)
     return StrategyResult(config.strategy, config.dtype, tf_record, torch_record, lock, free,
-                          env, exact, stepped.expectations)
+                          env, exact, stepped.expectations, stepped.dropout)
 
 
 def _seeds(seeds, max_seeds) -> tuple[tuple[int, ...], int]:
@@ -255,7 +287,9 @@ def run_matrix(configs: dict[str, RunConfig],
     for bit either way.
     """
     processes = workers() if processes is None else processes
-    float32 = [c for c in configs.values() if c.dtype == "float32"]
+    float32 = [verdict_run_config(c) for c in configs.values() if c.dtype == "float32"]
+    # vit: each framework's run with its dropout on, besides the verdict runs
+    dropout_on = [c for c in configs.values() if verdict_run_config(c) != c]
     worker = TorchWorker() if processes and float32 else None
     if worker is not None:
         # this process's Keras work on one core, the worker's torch runs on the other (a
@@ -270,8 +304,10 @@ def run_matrix(configs: dict[str, RunConfig],
         # the float64 runs and envelope reruns (needed once every strategy has stepped)
         for config in float32:
             shared.submit_reference(config)
+        for config in dropout_on:
+            shared.submit(config)
         for config in float32:
-            if config.strategy not in EXPECTED_TO_DIFFER:
+            if expected_to_match(config.strategy, config.arch):
                 shared.submit(shared.float64_config(config))
             if config.strategy in EQUIVALENT:
                 shared.submit(shared.rerun_config(config, None))

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shared.archs import ARCHS, RUN_ARCHS, require_pipeline_arch
+from shared.archs import ARCHS, RUN_ARCHS, has_base_dropout, require_pipeline_arch
 from shared.frameworks import check_framework
 from shared.strategies import check_strategy_arch, get_strategy
 
@@ -79,6 +79,11 @@ class RunConfig:
     # statistics do not depend on it; their float32 sums do), both drawn from the seed.
     # The reruns that measure the rounding envelope (shared/envelope.py).
     rounding_seed: int | None = None
+    # True: the model as the arch defines it. False: built with ``verdict_config(arch)``
+    # (vit: dropout, attention dropout and drop-path rates 0), the deterministic model the
+    # compare matrix's lockstep, envelope and float64 runs of an arch with dropout in its
+    # base step (shared/matrix.py); archs without (tinyconv, resnet18) take True only.
+    base_dropout: bool = True
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -108,6 +113,16 @@ class RunConfig:
                                                or self.rounding_seed < 0):
             raise ValueError(f"rounding_seed must be None or an int >= 0, got "
                              f"{self.rounding_seed!r}")
+        if not isinstance(self.base_dropout, bool):
+            raise ValueError(  # noqa: TRY004  (a config error: exit 2 like every other)
+                f"base_dropout must be true or false, got {self.base_dropout!r}")
+        if not self.base_dropout and not has_base_dropout(self.arch):
+            raise ValueError(f"base_dropout=False: {self.arch}'s base has no dropout to switch "
+                             f"off (only {', '.join(a for a in ARCHS if has_base_dropout(a))})")
+        if self.rounding_seed is not None and self.base_dropout and has_base_dropout(self.arch):
+            raise ValueError(f"rounding_seed needs base_dropout=False on {self.arch}: dropout's "
+                             f"masks are drawn per sample, so reordering a batch moves them, "
+                             f"which is not rounding")
         if self.rounding_seed is not None and self.head_dropout > 0:
             raise ValueError("rounding_seed needs head_dropout 0: reordering a batch would move "
                              "dropout's masks between samples, which is not rounding")

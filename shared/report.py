@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLUMNS",
+    "DROPOUT_COLUMNS",
     "REPORT_FILES",
     "REPORT_VERSION",
     "Column",
     "Report",
     "build_report",
     "check_report_dir",
+    "columns_for",
     "figure_size",
     "format_cell",
     "render_figure",
@@ -93,6 +95,25 @@ COLUMNS: tuple[Column, ...] = (
            "free run against the envelope; numerics: one framework's float32 departing"),
 )
 
+# vit (an arch with dropout in its base): the columns above are of the verdict runs, with
+# dropout, attention dropout and drop-path at 0 (RunConfig.base_dropout); these two are of
+# each framework's run with them on, what users run and where the trap shows.
+DROPOUT_COLUMNS: tuple[Column, ...] = tuple(
+    Column(f"{fw}_dropout_gap", f"{fw} gap, dropout on", ".3g",
+           f"{fw}: largest |train - eval| over all steps of the run with the base's dropout "
+           f"and drop-path on (the other columns: the runs with them at 0)")
+    for fw in FRAMEWORK_ORDER)
+
+
+def columns_for(dropout: bool) -> tuple[Column, ...]:
+    """The table's columns: :data:`COLUMNS`, with :data:`DROPOUT_COLUMNS` before the verdict
+    columns when the runs have a dropout-on pair (vit)."""
+    if not dropout:
+        return COLUMNS
+    at = [c.key for c in COLUMNS].index("step_max")
+    return COLUMNS[:at] + DROPOUT_COLUMNS + COLUMNS[at:]
+
+
 def format_cell(value, column: Column) -> str:
     if column.fmt is None:
         return str(value)
@@ -143,6 +164,8 @@ class Report:
     findings: list[str] = field(default_factory=list)
     # compare --replicas: shared.distributed.replica_section (rows, notes, failures)
     replicas: dict | None = None
+    # the table's columns (columns_for: COLUMNS, and vit's dropout-on gaps)
+    columns: tuple[Column, ...] = COLUMNS
 
     @property
     def ok(self) -> bool:
@@ -153,8 +176,8 @@ class Report:
         return [row["strategy"] for row in self.rows]
 
     def cells(self) -> list[list[str]]:
-        """The table as displayed: one list of strings per row, in COLUMNS order."""
-        return [[format_cell(row[c.key], c) for c in COLUMNS] for row in self.rows]
+        """The table as displayed: one list of strings per row, in ``columns`` order."""
+        return [[format_cell(row[c.key], c) for c in self.columns] for row in self.rows]
 
     def to_dict(self) -> dict:
         return {
@@ -165,7 +188,7 @@ class Report:
             "findings": list(self.findings),
             "table": {
                 "columns": [{"key": c.key, "title": c.title, "format": c.fmt,
-                             "description": c.description} for c in COLUMNS],
+                             "description": c.description} for c in self.columns],
                 "rows": [dict(row) for row in self.rows],
             },
             "runs": self.runs,
@@ -195,6 +218,8 @@ def build_report(results: list[StrategyResult], settings: dict) -> Report:
         row["envelope"] = free.envelope if result.envelope is not None else None
         row["tf_vs_f64"] = free.tf_departure
         row["torch_vs_f64"] = free.torch_departure
+        for fw, record in result.dropout.items():
+            row[f"{fw}_dropout_gap"] = record.max_train_eval_gap
         row["verdict"] = verdict(result)
         rows.append(row)
         failures += result.failures
@@ -204,9 +229,15 @@ def build_report(results: list[StrategyResult], settings: dict) -> Report:
             "lockstep": result.lockstep.to_dict(), "free_run": free.to_dict(),
             "envelope": result.envelope.to_dict() if result.envelope is not None else None,
             "float64": _run_data(result.exact) if result.exact is not None else None,
+            **({"dropout_on": {fw: _run_data(r) for fw, r in result.dropout.items()}}
+               if result.dropout else {}),
         }
+    dropout = any(result.dropout for result in results)
+    if dropout and not all(set(result.dropout) == set(FRAMEWORK_ORDER) for result in results):
+        raise ValueError("build_report: every strategy needs both frameworks' dropout-on runs "
+                         "or none")
     return Report(settings=dict(settings), rows=rows, failures=failures, runs=runs,
-                  findings=findings)
+                  findings=findings, columns=columns_for(dropout))
 
 
 # --------------------------------------------------------------------------- #
@@ -219,7 +250,7 @@ def render_table(report: Report):
     from rich.table import Table
 
     table = Table(title=escape(_title(report)), box=box.SQUARE, title_justify="left")
-    for column in COLUMNS:
+    for column in report.columns:
         table.add_column(column.title, justify="left" if column.fmt is None else "right",
                          no_wrap=True)
     for row, cells in zip(report.rows, report.cells()):
@@ -256,11 +287,11 @@ def render_markdown(report: Report, figure: str | None = "figure.png") -> str:
                      "every free run stays within its rounding envelope.**")
     else:
         lines.append(f"**Result: {len(report.failures)} failure(s).**")
-    lines += ["", "| " + " | ".join(_md_escape(c.title) for c in COLUMNS) + " |",
-              "|" + "|".join("---" if c.fmt is None else "---:" for c in COLUMNS) + "|"]
+    lines += ["", "| " + " | ".join(_md_escape(c.title) for c in report.columns) + " |",
+              "|" + "|".join("---" if c.fmt is None else "---:" for c in report.columns) + "|"]
     lines += ["| " + " | ".join(_md_escape(cell) for cell in cells) + " |" for cells in report.cells()]
     lines += ["", "Columns:", ""]
-    lines += [f"- **{_md_escape(c.title)}**: {c.description}" for c in COLUMNS]
+    lines += [f"- **{_md_escape(c.title)}**: {c.description}" for c in report.columns]
     if report.replicas is not None:
         from shared.distributed import replica_markdown
 

@@ -21,7 +21,7 @@ keeps the last block's BatchNorm in inference mode: train and eval losses match.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shared.frameworks import FRAMEWORKS, check_framework
 
@@ -57,9 +57,16 @@ class Strategy:
     # the archs the strategy runs on (None: every arch)
     archs: tuple[str, ...] | None = None
 
-    def expectation(self, framework: str, arch: str | None = None) -> Expectation:
+    def expectation(self, framework: str, arch: str | None = None,
+                    base_dropout: bool = True) -> Expectation:
+        """What a run in ``framework`` on ``arch`` shows; ``base_dropout`` False
+        (``RunConfig.base_dropout``: the verdict runs' model, no dropout or drop-path in a
+        base without BatchNorm) makes training mode inference mode: train == eval."""
         framework = check_framework(framework)
-        return self.arch_expect.get(arch, self.expect)[framework]
+        expected = self.arch_expect.get(arch, self.expect)[framework]
+        if not base_dropout:
+            expected = replace(expected, train_eval_match=True)
+        return expected
 
 
 def _same(e: Expectation) -> dict[str, Expectation]:
@@ -192,12 +199,14 @@ def frozen_keys(strategy: Strategy | str, keys, arch: str) -> list[str]:
 
 def check_expectations(strategy: Strategy | str, framework: str, *, train_eval_match: bool,
                        frozen_unchanged: bool, bn_stats_changed: bool,
-                       arch: str | None = None) -> list[str]:
+                       arch: str | None = None, base_dropout: bool = True) -> list[str]:
     """Failures, as sentences, of what a run showed against what ``strategy`` declares
-    (for ``arch``, where its expectation differs by arch)."""
+    (for ``arch``, where its expectation differs by arch; ``base_dropout`` False: a verdict
+    run, see :meth:`Strategy.expectation`)."""
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-    expected = strategy.expectation(framework, arch)
+    expected = strategy.expectation(framework, arch, base_dropout)
+    where = "" if base_dropout else ", base dropout off"
     seen = {"train_eval_match": train_eval_match, "frozen_unchanged": frozen_unchanged,
             "bn_stats_changed": bn_stats_changed}
-    return [f"{strategy.name}[{framework}]: expected {name}={getattr(expected, name)}, got {value}"
+    return [f"{strategy.name}[{framework}{where}]: expected {name}={getattr(expected, name)}, got {value}"
             for name, value in seen.items() if getattr(expected, name) != value]

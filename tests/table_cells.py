@@ -1,6 +1,6 @@
 """Read back the rows of a printed rich table (shared by the report and CLI tests)."""
 
-from shared.strategies import STRATEGIES
+from shared.strategies import ALL_STRATEGIES
 
 
 def parse_table(text: str) -> list[list[str]]:
@@ -8,6 +8,6 @@ def parse_table(text: str) -> list[list[str]]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("│").split("│")]
-        if cells and cells[0] in STRATEGIES:
+        if cells and cells[0] in ALL_STRATEGIES:
             rows.append(cells)
     return rows

@@ -29,6 +29,7 @@ from table_cells import parse_table
 
 from shared import report as rep
 from shared import strategies
+from shared import tolerances as tol
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.shipped import shipped_checkpoint
 
@@ -176,6 +177,84 @@ def test_compare_exit_1_names_the_failed_expectation(cache, tmp_path, wrong_expe
 
 
 # --------------------------------------------------------------------------- #
+# --arch vit: verdicts of the runs with the base's dropout at 0, the trap of those with it on
+# --------------------------------------------------------------------------- #
+VIT_PAIR = ("naive", "lora")
+VIT_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def vit_run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare-vit") / "reports"
+    proc = _compare(cache, "--arch", "vit", "--strategies", ",".join(VIT_PAIR), "--steps",
+                    str(VIT_STEPS), "--out", str(out))
+    return proc, json.loads((out / "report.json").read_text()) if out.exists() else None
+
+
+@pytest.mark.slow
+def test_compare_vit_exit_0_table_equals_report(vit_run):
+    proc, report = vit_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert parse_table(proc.stdout) == _formatted(report)
+    titles = [c["title"] for c in report["table"]["columns"]]
+    assert titles.index("tf gap, dropout on") < titles.index("one step")
+    assert "dropout, attention dropout and drop-path at 0" in report["settings"]["verdict_runs"]
+
+
+@pytest.mark.slow
+def test_compare_vit_naive_matches_across_frameworks_and_shows_the_dropout_trap(vit_run):
+    """naive on vit is the same mistake in both frameworks: with the rates at 0 the two agree
+    (verdict "ok", not "differs as expected"), lockstep included; with them on, train != eval
+    in each. lora keeps the base in inference mode: no gap either way."""
+    _, report = vit_run
+    rows = {r["strategy"]: r for r in report["table"]["rows"]}
+    assert rows["naive"]["verdict"] == rows["lora"]["verdict"] == "ok"
+    for name in VIT_PAIR:
+        run = report["runs"][name]
+        assert run["lockstep"]["expected_to_match"] is True and run["lockstep"]["ok"] is True
+        for fw in ("tf", "torch"):
+            assert rows[name][f"{fw}_gap"] <= tol.SAME_FRAMEWORK_ATOL  # the verdict runs
+            assert len(run["dropout_on"][fw]["train_loss"]) == VIT_STEPS
+    for fw in ("tf", "torch"):
+        assert rows["naive"][f"{fw}_dropout_gap"] > tol.TRAP_MIN_GAP, fw
+        assert rows["lora"][f"{fw}_dropout_gap"] <= tol.SAME_FRAMEWORK_ATOL, fw
+        # naive's dropout-on run is another run (its masks move the training loss); lora's
+        # base in inference mode computes the same with the rates on or at 0
+        naive, lora = report["runs"]["naive"], report["runs"]["lora"]
+        assert np.max(np.abs(np.subtract(naive["dropout_on"][fw]["train_loss"],
+                                         naive[fw]["train_loss"]))) > tol.TRAP_MIN_GAP, fw
+        np.testing.assert_allclose(lora["dropout_on"][fw]["train_loss"], lora[fw]["train_loss"],
+                                   rtol=0, atol=tol.SAME_FRAMEWORK_ATOL)
+    # lora learns in its verdict runs: held-out loss falls over the 3 steps in both
+    for fw in ("tf", "torch"):
+        held = report["runs"]["lora"][fw]["heldout"]
+        assert held[-1]["loss"] < held[0]["loss"], (fw, held)
+
+
+@pytest.fixture
+def vit_naive_without_trap(monkeypatch):
+    """Declares, wrongly, that naive on vit keeps train == eval (no dropout trap)."""
+    s = strategies.STRATEGIES["naive"]
+    wrong = {fw: dataclasses.replace(e, train_eval_match=True)
+             for fw, e in s.arch_expect["vit"].items()}
+    monkeypatch.setitem(strategies.STRATEGIES, "naive",
+                        dataclasses.replace(s, arch_expect={**s.arch_expect, "vit": wrong}))
+
+
+@pytest.mark.slow
+def test_compare_vit_judges_the_dropout_on_runs(cache, tmp_path, vit_naive_without_trap):
+    """The verdict runs cannot show the trap (their rates are 0): only the dropout-on runs
+    can fail the wrong declaration, and compare must say which."""
+    out = tmp_path / "reports"
+    proc = _compare(cache, "--arch", "vit", "--strategies", "naive", "--steps", "2",
+                    "--out", str(out), "--json", "--quiet")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["failures"] == [f"naive[{fw}]: expected train_eval_match=True, got False"
+                                   for fw in ("tf", "torch")]
+
+
+# --------------------------------------------------------------------------- #
 # exit 2: bad usage or input, one line, nothing run, nothing written
 # --------------------------------------------------------------------------- #
 def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
@@ -206,8 +285,13 @@ def _bad_checkpoint(kind: str, directory: Path, cache: Path) -> Path:
     (["--checkpoint", "{other-arch}"], "made for arch 'resnet18', not 'tinyconv'"),
     (["--checkpoint", "{wrong-shape}"], "key 'base.block1.conv.weight': shape expected (16, 3, 3, 3)"),
     (["--out", "{file}/reports"], "--out directory"),
+    (["--strategies", "lora"], "strategy 'lora' does not run on arch 'tinyconv'"),
+    (["--arch", "vit", "--strategies", "frozen,bn_adapt"],
+     "strategy 'bn_adapt' does not run on arch 'vit'"),
+    (["--arch", "vit", "--replicas", "2"], "the data-parallel comparison does not take vit"),
 ], ids=["unknown-strategy", "no-strategy", "steps-0", "lr-negative", "optimizer", "dtype", "missing-ckpt",
-        "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable"])
+        "corrupt-ckpt", "other-arch-ckpt", "wrong-shape-ckpt", "out-not-writable",
+        "lora-on-tinyconv", "bn-adapt-on-vit", "vit-replicas"])
 def test_compare_bad_input_exit_2_one_line_nothing_written(cache, tmp_path, argv, message):
     """One stderr line as printed, nothing on stdout, no partial report."""
     argv, out = _bad_argv(argv, tmp_path, cache)

@@ -203,6 +203,43 @@ def test_report_rejects_swapped_frameworks():
         _report([swapped])
 
 
+def _with_gap(record: RunRecord, gap: float) -> RunRecord:
+    """``record`` with every eval loss ``gap`` above its train loss (a dropout-on run)."""
+    return dataclasses.replace(record, steps=[StepRecord(s.step, s.train_loss, s.train_loss + gap)
+                                              for s in record.steps])
+
+
+def test_report_dropout_columns_only_with_dropout_runs_and_before_the_verdicts(all_ok):
+    """vit: the "gap, dropout on" columns hold each framework's dropout-on run's largest
+    gap, placed before "one step"; a report without such runs keeps COLUMNS."""
+    assert all_ok.columns == rep.COLUMNS
+    assert "tf gap, dropout on" not in render_md(all_ok)
+    result = _result("frozen")
+    result.dropout = {"tf": _with_gap(result.tf, 0.25), "torch": _with_gap(result.torch, 0.5)}
+    report = _report([result])
+    titles = [c.title for c in report.columns]
+    assert titles.index("torch gap, dropout on") == titles.index("tf gap, dropout on") + 1
+    assert titles.index("one step") == titles.index("torch gap, dropout on") + 1
+    assert len(titles) == len(rep.COLUMNS) + 2
+    row = report.rows[0]
+    assert (row["tf_dropout_gap"], row["torch_dropout_gap"]) == pytest.approx((0.25, 0.5))
+    assert report.cells()[0][titles.index("tf gap, dropout on")] == "0.25"
+    assert [c["key"] for c in report.to_dict()["table"]["columns"]] == [c.key for c in report.columns]
+    assert "| tf gap, dropout on | torch gap, dropout on |" in render_md(report)
+    assert set(report.runs["frozen"]["dropout_on"]) == {"tf", "torch"}
+
+
+def test_report_refuses_dropout_runs_for_some_strategies_only():
+    with_runs = _result("frozen")
+    with_runs.dropout = {"tf": with_runs.tf, "torch": with_runs.torch}
+    with pytest.raises(ValueError, match="dropout-on runs or none"):
+        _report([with_runs, _result("full")])
+
+
+def render_md(report: rep.Report) -> str:
+    return rep.render_markdown(report, figure=None)
+
+
 @pytest.mark.parametrize("count", [1, 4, 6])
 def test_figure_png_has_one_panel_per_strategy(count):
     names = list(STRATEGIES)[:count]

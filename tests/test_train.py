@@ -224,6 +224,20 @@ def test_run_config_rejects_bad_values():
     assert RunConfig(optimizer="adam").learning_rate == 0.001
 
 
+def test_run_config_base_dropout_only_where_the_base_has_dropout():
+    """base_dropout=False (the verdict runs' model) exists for vit only; a rerun whose
+    rounding differs needs it there (reordering a batch moves dropout's masks)."""
+    assert RunConfig(arch="vit", strategy="frozen", base_dropout=False).base_dropout is False
+    with pytest.raises(ValueError, match="base_dropout=False: tinyconv's base has no dropout "
+                                         "to switch off \\(only vit\\)"):
+        RunConfig(base_dropout=False)
+    with pytest.raises(ValueError, match="base_dropout must be true or false, got 'no'"):
+        RunConfig(arch="vit", strategy="frozen", base_dropout="no")
+    with pytest.raises(ValueError, match="rounding_seed needs base_dropout=False on vit"):
+        RunConfig(arch="vit", strategy="frozen", rounding_seed=1)
+    assert RunConfig(arch="vit", strategy="frozen", rounding_seed=1, base_dropout=False)
+
+
 # --- the project's optimizers against a separately written Adam ----------------------------------
 
 # Gradients of this size make an epsilon of 1e-8 (torch's default) change every update by ~1%,

@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from shared import data
-from shared.archs import arch_config
+from shared.archs import arch_config, model_config
 from shared.finetune import eval_points, finish, prepare
 from shared.init import canonical_init
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
@@ -299,7 +299,8 @@ class Stepper:
                                  norm_layer=norm_layer_for(config.arch, self.strategy.name,
                                                            config.reconcile_bn_variance,
                                                            self.replica.synchronized_bn),
-                                 dtype=config.dtype)
+                                 dtype=config.dtype,
+                                 config=model_config(config.arch, config.base_dropout))
         self.replica.attach(self.model)
         import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
         apply_strategy(self.model, self.strategy, adapter_seed=config.seed)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from shared import data
-from shared.archs import arch_config
+from shared.archs import arch_config, model_config
 from shared.finetune import eval_points, finish, prepare
 from shared.init import canonical_init
 from shared.record import HeldOut, RunConfig, RunRecord, StepRecord
@@ -196,7 +196,8 @@ class Stepper:
         self.strategy = get_strategy(config.strategy)
         with run_threads():
             self.model = build_model(config.arch, self.prepared.num_classes,
-                                     head_dropout=config.head_dropout, dtype=config.dtype)
+                                     head_dropout=config.head_dropout, dtype=config.dtype,
+                                     config=model_config(config.arch, config.base_dropout))
             import_weights(self.model, self.prepared.initial, self.prepared.checkpoint)
             apply_strategy(self.model, self.strategy, adapter_seed=config.seed)
             self.optimizer = make_optimizer(config, trainable_parameters(self.model))

@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 from shared import frameworks
-from shared.archs import PIPELINE_ARCHS
+from shared.archs import COMPARE_ARCHS, has_base_dropout
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.errors import UsageError
 from shared.io import ensure_writable_dir
 from shared.pretrain import PretrainConfig, checkpoint_path, ensure_checkpoint, stack_versions
-from shared.record import OPTIMIZERS, RunConfig
+from shared.record import ARCH_DEFAULTS, OPTIMIZERS, RunConfig
 from shared.shipped import default_checkpoint, uses_cache
-from shared.strategies import STRATEGIES
+from shared.strategies import ALL_STRATEGIES, STRATEGIES, check_strategy_arch, strategies_for
 
 __all__ = ["DEFAULT_OUT", "add_parser", "parse_strategies", "pretrained_checkpoint", "run"]
 
@@ -31,21 +31,28 @@ DEFAULT_OUT = Path("reports") / "latest"
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated, in table order (default: all: {','.join(STRATEGIES)})")
+    parser.add_argument("--arch", choices=COMPARE_ARCHS, default="tinyconv",
+                        help="default tinyconv; vit: the verdicts run with its dropout and "
+                             "drop-path at 0, and each framework also runs with them on "
+                             "(the 'gap, dropout on' columns)")
+    parser.add_argument("--strategies", default=None,
+                        help=f"comma-separated, in table order (default: every one the arch "
+                             f"runs: tinyconv, resnet18 {','.join(strategies_for('tinyconv'))}; "
+                             f"vit {','.join(strategies_for('vit'))})")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (default: tinyconv 100, resnet18 30)")
+                        help="optimizer steps per run (default: " + ", ".join(
+                            f"{a} {d['steps']}" for a, d in ARCH_DEFAULTS.items()) + ")")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float32 (default: what users run; lockstep, free runs against "
                              "the rounding envelope, each framework against float64) or float64 "
                              "(the exactness proof: lockstep and free runs within FLOAT64_RUN_ATOL)")
-    parser.add_argument("--lr", type=float, default=None, help="default: SGD 0.02 (resnet18 0.01), Adam 0.001")
+    parser.add_argument("--lr", type=float, default=None, help="default: " + "; ".join(
+        f"{a} SGD {d['sgd']:g}, Adam {d['adam']:g}" for a, d in ARCH_DEFAULTS.items()))
     parser.add_argument("--checkpoint", default=None,
                         help="canonical pretrained checkpoint; 'cache' = the cache's (pretrained "
-                             "here on first use); default: the shipped one (tinyconv) or the "
-                             "cache's (resnet18)")
+                             "here on first use); default: the shipped one (tinyconv, vit) or "
+                             "the cache's (resnet18)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory for report.md, report.json, figure.png (default {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,15 +63,26 @@ def add_parser(parser) -> None:
                              "one process vs replicas (default 1: single process only)")
 
 
-def parse_strategies(text: str) -> list[str]:
-    """``"frozen, naive"`` -> ``["frozen", "naive"]``; UsageError naming unknown ones."""
+def parse_strategies(text: str | None, arch: str | None = None) -> list[str]:
+    """``"frozen, naive"`` -> ``["frozen", "naive"]``; UsageError naming unknown ones, or
+    (``arch`` given) ones that do not run on ``arch``. None: every strategy ``arch`` runs
+    (without ``arch``: the catalogue, :data:`~shared.strategies.STRATEGIES`)."""
+    known = list(STRATEGIES) if arch is None else list(ALL_STRATEGIES)
+    if text is None:
+        return list(STRATEGIES) if arch is None else strategies_for(arch)
     names = [name.strip() for name in str(text).split(",") if name.strip()]
     if not names:
-        raise UsageError(f"--strategies: no strategy given; expected some of: {', '.join(STRATEGIES)}")
-    unknown = [name for name in names if name not in STRATEGIES]
+        raise UsageError(f"--strategies: no strategy given; expected some of: {', '.join(known)}")
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise UsageError(f"--strategies: unknown strategy {', '.join(map(repr, unknown))}; "
-                         f"expected some of: {', '.join(STRATEGIES)}")
+                         f"expected some of: {', '.join(known)}")
+    for name in names:
+        if arch is not None:
+            try:
+                check_strategy_arch(name, arch)
+            except ValueError as error:
+                raise UsageError(f"--strategies: {error}") from None
     return list(dict.fromkeys(names))  # first occurrence wins, order kept
 
 
@@ -120,12 +138,16 @@ def _progress(quiet: bool):
 
 def run(args) -> int:
     # --- everything that can be wrong with the input, before anything runs ---------------
-    strategies = parse_strategies(args.strategies)
+    strategies = parse_strategies(args.strategies, args.arch)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.replicas < 1 or RunConfig.batch_size % args.replicas:
         raise UsageError(f"--replicas must be >= 1 and divide the batch of {RunConfig.batch_size}, "
                          f"got {args.replicas}")
+    if args.replicas > 1 and has_base_dropout(args.arch):
+        raise UsageError(f"--replicas {args.replicas}: the data-parallel comparison does not take "
+                         f"{args.arch} yet (its dropout masks are drawn per replica); run "
+                         f"--replicas 1")
     configs = {name: RunConfig(arch=args.arch, strategy=name, steps=args.steps,
                                optimizer=args.optimizer, learning_rate=args.lr, dtype=args.dtype)
                for name in strategies}  # ValueError (exit 2) for a bad --lr
@@ -163,6 +185,9 @@ def run(args) -> int:
                 "steps": first.steps, "batch_size": first.batch_size, "seed": first.seed,
                 "dtype": first.dtype, "checkpoint": checkpoint, "strategies": list(configs),
                 "versions": _versions()}
+    if has_base_dropout(first.arch):
+        settings["verdict_runs"] = ("dropout, attention dropout and drop-path at 0; the "
+                                    "'gap, dropout on' columns: each framework's run with them on")
     report = build_report(results, settings)
     if args.replicas > 1:
         from shared import distributed
