@@ -1,13 +1,16 @@
 """``freeze-parity bench --verdicts``: what each verdict of ``compare`` costs, per strategy and
 framework, and the whole demo against the runs alone, measured side by side.
 
-Per strategy (tinyconv, the demo's 100 SGD steps), each a median over repeats, in one
-process that holds both frameworks (as ``compare`` does):
+Per strategy (tinyconv, the demo's 100 SGD steps; ``--arch`` another arch at its
+defaults), each a median over repeats, in one process that holds both frameworks (as
+``compare`` does):
 
 * the free runs: torch's ``train.run``, Keras's ``fit`` (model built and traced included);
 * lockstep, on top of torch's run: Keras taking every step from torch's state (loading it,
   the step, reading it back), the comparison of every tensor, the float64 decisions;
-* one envelope rerun (torch) and the float64 run (torch): the worker process's jobs.
+* one envelope rerun (torch) and the float64 run (torch): the worker process's jobs;
+* vit: those of the runs with the base's dropout at 0 (``verdict_run_config``), and each
+  framework's run with it on (the "gap, dropout on" columns).
 
 Then the demo itself: ``compare``'s matrix with its worker process, against the free runs
 alone (what ``compare`` ran before it had lockstep, an envelope and a float64 run), timed
@@ -33,9 +36,9 @@ import time
 from pathlib import Path
 
 from shared import frameworks
-from shared.matrix import exact_config, run_matrix
+from shared.matrix import exact_config, run_matrix, verdict_run_config
 from shared.record import RunConfig
-from shared.strategies import STRATEGIES
+from shared.strategies import strategies_for
 
 __all__ = ["DEMO_BASELINE", "DEMO_GOAL_RATIO", "measure_demo", "measure_verdicts",
            "render_verdicts"]
@@ -113,6 +116,8 @@ def _strategy(config: RunConfig) -> dict:
     from shared.lockstep import lockstep
 
     tf, torch = (frameworks.load(fw, "train") for fw in ("tf", "torch"))
+    users = config
+    config = verdict_run_config(config)  # vit: the verdicts' runs, dropout at 0
     row = {"torch_run_s": _seconds(lambda: torch.run(config))}
     follower = {}
     row["tf_run_s"] = _seconds(lambda: follower.setdefault(
@@ -125,15 +130,23 @@ def _strategy(config: RunConfig) -> dict:
     row["lockstep_s"] = total  # torch's run with the observer, everything above included
     row["rerun_s"] = _seconds(lambda: torch.run(dataclasses.replace(config, rounding_seed=1)))
     row["float64_s"] = _seconds(lambda: torch.run(exact_config(config)))
+    if users != config:
+        row["tf_dropout_run_s"] = _seconds(lambda: tf.run(users))
+        row["torch_dropout_run_s"] = _seconds(lambda: torch.run(users))
     return row
 
 
 def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
-                     strategies: tuple[str, ...] = tuple(STRATEGIES),
-                     demo_repeats: int = 2) -> dict:
+                     strategies: tuple[str, ...] | None = None,
+                     demo_repeats: int = 2, arch: str = "tinyconv") -> dict:
     """Every figure's repeats and medians (seconds), the demo side by side with
-    :data:`DEMO_BASELINE`'s (``demo_repeats`` each; 0: not measured), and the machine's load."""
-    configs = {name: RunConfig(strategy=name, checkpoint=checkpoint) for name in strategies}
+    :data:`DEMO_BASELINE`'s (``demo_repeats`` each; 0: not measured; tinyconv only: the
+    demo is tinyconv's), and the machine's load. ``strategies`` None: every one ``arch``
+    runs."""
+    strategies = tuple(strategies_for(arch)) if strategies is None else tuple(strategies)
+    configs = {name: RunConfig(arch=arch, strategy=name, checkpoint=checkpoint)
+               for name in strategies}
+    first = next(iter(configs.values()))
     load_before = list(os.getloadavg())
     rows: dict[str, list[dict]] = {name: [] for name in strategies}
     demo: dict[str, list[float]] = {"matrix_s": [], "runs_s": [], "imports_s": []}
@@ -148,13 +161,15 @@ def measure_verdicts(checkpoint: str | None = None, repeats: int = 3,
                                                  for fw in (tf, torch)]))
         demo["matrix_s"].append(_seconds(lambda: run_matrix(configs)))
         demo["imports_s"].append(_imports())
-    side_by_side = measure_demo(demo_repeats) if demo_repeats else {"baseline": None}
+    side_by_side = (measure_demo(demo_repeats) if demo_repeats and arch == "tinyconv"
+                    else {"baseline": None})
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                for name, runs in rows.items()}
     demo_median = {k: statistics.median(v) for k, v in demo.items()}
     imports = demo_median["imports_s"]
     ratio = (imports + demo_median["matrix_s"]) / (imports + demo_median["runs_s"])
-    return {"strategies": medians, "repeats": rows, "demo": demo_median, "demo_repeats": demo,
+    return {"arch": arch, "steps": first.steps, "optimizer": first.optimizer,
+            "strategies": medians, "repeats": rows, "demo": demo_median, "demo_repeats": demo,
             "demo_ratio": ratio, "goal_ratio": DEMO_GOAL_RATIO, "met": ratio <= DEMO_GOAL_RATIO,
             "side_by_side": side_by_side,
             "workers": os.environ.get("FREEZE_PARITY_WORKERS", "default"),
@@ -176,26 +191,37 @@ def _cpu() -> str:
 
 
 def render_verdicts(result: dict) -> list[str]:
-    lines = [(f"verdict costs, tinyconv, 100 SGD steps, median of "
+    arch = result.get("arch", "tinyconv")
+    dropout = any("tf_dropout_run_s" in row for row in result["strategies"].values())
+    lines = [(f"verdict costs, {arch}, {result.get('steps', 100)} "
+              f"{result.get('optimizer', 'sgd').upper()} steps, median of "
               f"{len(result['demo_repeats']['runs_s'])} (seconds; {result['cpu']}, "
               f"{result['cores']} cores, load average {result['load_before'][0]:.1f} before, "
               f"{result['load_after'][0]:.1f} after)"),
              (f"{'strategy':<20}{'torch run':>10}{'tf run':>9}{'lockstep':>10}{'tf steps':>10}"
-              f"{'compare':>9}{'float64?':>9}{'rerun':>8}{'float64':>9}")]
+              f"{'compare':>9}{'float64?':>9}{'rerun':>8}{'float64':>9}"
+              + (f"{'tf drop.':>10}{'torch drop.':>12}" if dropout else ""))]
     for name, row in result["strategies"].items():
         extra = row["lockstep_s"] - row["torch_run_s"]
         lines.append(f"{name:<20}{row['torch_run_s']:>10.2f}{row['tf_run_s']:>9.2f}{extra:>10.2f}"
                      f"{row['lockstep_tf_s']:>10.2f}{row['lockstep_compare_s']:>9.2f}"
                      f"{row['lockstep_float64_s']:>9.2f}{row['rerun_s']:>8.2f}"
-                     f"{row['float64_s']:>9.2f}")
+                     f"{row['float64_s']:>9.2f}"
+                     + (f"{row['tf_dropout_run_s']:>10.2f}{row['torch_dropout_run_s']:>12.2f}"
+                        if dropout else ""))
+    if dropout:
+        lines.append("vit: every verdict column is of the runs with the base's dropout and "
+                     "drop-path at 0; tf drop., torch drop.: each framework's run with them on")
     demo = result["demo"]
     lines += [("lockstep: its cost over torch's run alone, of which tf steps (load, step, read "
                "back), compare (every tensor), float64? (decisions outside the float32 bound)"),
-              (f"demo: imports {demo['imports_s']:.1f} s; the free runs alone "
-               f"{demo['runs_s']:.1f} s; compare's matrix (lockstep, free runs, envelope, "
-               f"float64; worker processes: {result['workers']}) {demo['matrix_s']:.1f} s; "
-               f"ratio with imports {result['demo_ratio']:.2f}x (goal <= "
-               f"{result['goal_ratio']:g}x: {'met' if result['met'] else 'NOT met'})")]
+              (f"{'demo' if arch == 'tinyconv' else f'compare --arch {arch}'}: imports "
+               f"{demo['imports_s']:.1f} s; the free runs alone {demo['runs_s']:.1f} s; "
+               f"compare's matrix (lockstep, free runs, envelope, float64; worker processes: "
+               f"{result['workers']}) {demo['matrix_s']:.1f} s; ratio with imports "
+               f"{result['demo_ratio']:.2f}x " + (
+                   f"(goal <= {result['goal_ratio']:g}x: {'met' if result['met'] else 'NOT met'})"
+                   if arch == "tinyconv" else "(no goal: its own command, not the demo)"))]
     side = result.get("side_by_side", {})
     if side.get("baseline"):
         lines.append(f"make demo side by side ({len(side['repeats']['now_s'])} alternate runs "
@@ -204,7 +230,7 @@ def render_verdicts(result: dict) -> list[str]:
                      f"{side['ratio']:.2f}x (goal <= {result['goal_ratio']:g}x: "
                      f"{'met' if side['met'] else 'NOT met'}; exit statuses "
                      f"{side['status']['baseline']} and {side['status']['now']})")
-    else:
+    elif arch == "tinyconv":
         lines.append(f"make demo side by side: not measured (no git history with commit "
                      f"{DEMO_BASELINE} here)")
     return lines

@@ -244,3 +244,36 @@ def test_verdict_bench_side_by_side_line_states_ratio_and_goal(now_s, verdict):
     last = verdict_bench.render_verdicts(result)[-1]
     assert f"commit abc1234) 40.0 s, now {now_s:.1f} s: {now_s / 40:.2f}x" in last
     assert f"(goal <= 1.3x: {verdict};" in last
+
+
+def test_verdict_bench_vit_rows_show_the_dropout_runs_and_no_demo_goal():
+    """bench --verdicts --arch vit: the verdict columns and each framework's dropout-on run;
+    the matrix line names compare --arch vit, with no demo goal (it is not the demo)."""
+    from shared import verdict_bench
+
+    strategy = dict.fromkeys(("torch_run_s", "tf_run_s", "lockstep_s", "lockstep_tf_s",
+                              "lockstep_compare_s", "lockstep_float64_s", "rerun_s",
+                              "float64_s"), 1.0)
+    strategy.update(tf_dropout_run_s=2.5, torch_dropout_run_s=3.25)
+    result = {"arch": "vit", "steps": 30, "optimizer": "sgd",
+              "demo_repeats": {"runs_s": [1.0]}, "cpu": "cpu", "cores": 2,
+              "load_before": [0.0], "load_after": [0.0], "strategies": {"lora": strategy},
+              "demo": {"imports_s": 1.0, "runs_s": 1.0, "matrix_s": 1.0}, "workers": "default",
+              "demo_ratio": 1.0, "goal_ratio": 1.3, "met": True,
+              "side_by_side": {"baseline": None}}
+    lines = verdict_bench.render_verdicts(result)
+    assert lines[0].startswith("verdict costs, vit, 30 SGD steps, median of 1")
+    assert lines[1].endswith("  tf drop. torch drop.")
+    assert lines[2].split()[0] == "lora" and lines[2].split()[-2:] == ["2.50", "3.25"]
+    assert lines[-1].startswith("compare --arch vit: imports 1.0 s")
+    assert lines[-1].endswith("(no goal: its own command, not the demo)")
+    assert not any("make demo" in line for line in lines)
+
+
+def test_bench_vit_only_with_verdicts():
+    from cli_inprocess import cli
+
+    proc = cli("bench", "--arch", "vit", "--quick")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == ("freeze-parity bench: error: --arch vit: only --verdicts takes it "
+                           "(the other benches measure tinyconv, resnet18)\n")

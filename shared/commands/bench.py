@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from shared.archs import PIPELINE_ARCHS
+from shared.archs import COMPARE_ARCHS, PIPELINE_ARCHS
 from shared.bench import (
     DEFAULT_REPEATS,
     DEFAULT_STEPS,
@@ -46,7 +46,9 @@ QUICK = {"repeats": 1, "steps": 2, "long_factor": 2, "warmup": 0, "threads": 1}
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--arch", choices=PIPELINE_ARCHS, default="tinyconv")
+    parser.add_argument("--arch", choices=COMPARE_ARCHS, default="tinyconv",
+                        help="default tinyconv; vit: --verdicts only (what compare --arch vit "
+                             "costs per strategy)")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repeats per figure, medians reported (default {DEFAULT_REPEATS})")
     parser.add_argument("--steps", type=int, default=None,
@@ -231,13 +233,18 @@ def _run_port(args) -> int:
 def run(args) -> int:
     from rich.console import Console
 
+    if args.arch not in PIPELINE_ARCHS and not args.verdicts:
+        raise UsageError(f"--arch {args.arch}: only --verdicts takes it (the other benches "
+                         f"measure {', '.join(PIPELINE_ARCHS)})")
     if args.replicas != 1:
         return _run_replicas(args)
     if args.verdicts:
         from shared.verdict_bench import measure_verdicts, render_verdicts
 
+        if args.json:
+            check_output_file(args.json, "--json")  # before minutes of measuring
         result = measure_verdicts(str(args.checkpoint) if args.checkpoint else None,
-                                  repeats=args.repeats or 3)
+                                  repeats=args.repeats or 3, arch=args.arch)
         if args.json:
             atomic_write_json(args.json, result)
         print("\n".join(render_verdicts(result)))
