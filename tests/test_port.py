@@ -508,6 +508,31 @@ def test_cross_port_project_vit_ports_with_no_finding():
     assert ("base.blocks.0.attn", "base.blocks.0.attn", "attention") in report.pairs
 
 
+@pytest.mark.parametrize("side", ["keras", "torch"])
+def test_cross_port_vit_gelu_tanh_on_one_side_is_named_at_every_fc1(side):
+    """The ViT's exact GELU (Keras: written out, 0.5 x (1 + erf(x / sqrt 2)); timm:
+    nn.GELU) against the tanh approximation on one side (Keras: keras.ops.gelu(approximate=
+    True) as operations; torch: nn.GELU("tanh")): a PORT_ACTIVATION at each block's fc1,
+    naming both functions, even where the outputs stay within the forward tolerance."""
+    import dataclasses
+
+    from shared.archs import arch_config
+    from tf_impl import model as tf_model
+    from torch_impl import model as torch_model
+
+    tanh = dataclasses.replace(arch_config("vit"), gelu_approximate=True)
+    torch_net = torch_model.build_model("vit", 5, config=tanh if side == "torch" else None)
+    keras_net = tf_model.build_model("vit", 5, config=tanh if side == "keras" else None)
+    report = check_port(keras_net, torch_net, input_shape=(32, 32, 3), steps=0,
+                        transfer_from="torch")
+    (found,) = [f for f in report.findings if f.code == "PORT_ACTIVATION"]  # one, 4 places
+    assert sorted(k for k, _ in found.pairs) == [f"base.blocks.{i}.mlp.fc1" for i in range(4)]
+    want = ("gelu_tanh", "gelu") if side == "keras" else ("gelu", "gelu_tanh")
+    assert (found.keras_value, found.torch_value) == want, report.finding_lines()
+    assert "exact GELU and its tanh approximation differ by up to" in found.message + str(
+        report.finding_lines())
+
+
 def test_cross_port_keras_mha_against_nn_multihead_attention_no_finding():
     report = _check(pp.attention_keras(), pp.attention_torch(), transfer_from="torch")
     assert report.ok, report.finding_lines()

@@ -58,6 +58,11 @@ _ACTIVATION_OPS = {"Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu
                    "Softplus": "softplus", "Tanh": "tanh", "Sigmoid": "sigmoid",
                    "Softmax": "softmax", "LeakyRelu": "leaky_relu"}
 _ARITHMETIC_OPS = {"AddV2": "add", "Add": "add", "Sub": "sub", "Mul": "mul", "RealDiv": "div"}
+# GELU written out as operations (the project's ViT, tf.nn.gelu, keras.ops.gelu): the
+# constants of 0.5 x (1 + erf(x / sqrt 2)) and of 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
+# x^3))), compared in float32 (as the graph holds them)
+_GELU_CONSTANTS = {"half": 0.5, "one": 1.0, "sqrt_half": math.sqrt(0.5), "sqrt2": math.sqrt(2.0),
+                   "tanh_scale": math.sqrt(2.0 / math.pi), "cubic": 0.044715, "three": 3.0}
 
 
 def check_model(model, what: str) -> None:
@@ -396,6 +401,61 @@ def _constant(tensor) -> float | None:
     return float(np.ravel(value)[0]) if value is not None and np.size(value) == 1 else None
 
 
+def _by_constant(op, types: tuple[str, ...], constant: str):
+    """The data tensor of ``op`` when it is one of ``types`` with the named
+    :data:`_GELU_CONSTANTS` constant as its other operand (float32-equal), else None."""
+    if op.type not in types:
+        return None
+    data = [t for t in op.inputs if t.dtype != tf.resource]
+    if len(data) != 2:
+        return None
+    want = np.float32(_GELU_CONSTANTS[constant])
+    for value, tensor in ((data[0], data[1]), (data[1], data[0])):
+        c = _constant(value)
+        if c is not None and np.float32(c) == want and _constant(tensor) is None:
+            return tensor
+    return None
+
+
+def _is_cube_of(op, x) -> bool:
+    """``op`` is ``x ** 3`` (Pow with the constant 3 as its exponent)."""
+    return (op.type == "Pow" and _same(op.inputs[0], x)
+            and _constant(op.inputs[1]) is not None
+            and np.float32(_constant(op.inputs[1])) == np.float32(_GELU_CONSTANTS["three"]))
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and a.name == b.name
+
+
+def _gelu(op):
+    """``(approximate, x)`` when ``op`` is the last multiplication of a GELU written out,
+    ``(0.5 x) * (1 + erf(x / sqrt 2))`` (exact) or ``(0.5 x) * (1 + tanh(sqrt(2 / pi) (x +
+    0.044715 x^3)))`` (the tanh approximation); None otherwise."""
+    data = [t for t in op.inputs if t.dtype != tf.resource]
+    if op.type != "Mul" or len(data) != 2:
+        return None
+    for half, rest in ((data[0], data[1]), (data[1], data[0])):
+        x = _by_constant(half.op, ("Mul",), "half")
+        inner = _by_constant(rest.op, ("AddV2", "Add"), "one")
+        if x is None or inner is None:
+            continue
+        if inner.op.type == "Erf":
+            arg = inner.op.inputs[0].op
+            if _same(_by_constant(arg, ("Mul",), "sqrt_half"), x) or _same(
+                    _by_constant(arg, ("RealDiv",), "sqrt2"), x):
+                return False, x
+        if inner.op.type == "Tanh":
+            total = _by_constant(inner.op.inputs[0].op, ("Mul",), "tanh_scale")
+            terms = list(total.op.inputs) if total is not None and total.op.type in (
+                "AddV2", "Add") else []
+            for linear, cubic in ((terms[0], terms[1]), (terms[1], terms[0])) if len(terms) == 2 else ():
+                power = _by_constant(cubic.op, ("Mul",), "cubic")
+                if _same(linear, x) and power is not None and _is_cube_of(power.op, x):
+                    return True, x
+    return None
+
+
 class _Dataflow:
     """Which record's output reaches which, read off the traced graph's operations."""
 
@@ -432,7 +492,10 @@ class _Dataflow:
             return self.raw[op.name]
         data = [t for t in op.inputs if t.dtype != tf.resource]
         found = None  # (kind, params, the data tensor it reads)
-        if op.type in _ACTIVATION_OPS and data:
+        gelu = _gelu(op)
+        if gelu is not None:
+            found = ("activation", {"name": "gelu", "approximate": gelu[0]}, gelu[1])
+        elif op.type in _ACTIVATION_OPS and data:
             params = {"name": _ACTIVATION_OPS[op.type]}
             if op.type == "LeakyRelu":
                 params["slope"] = float(op.get_attr("alpha"))
