@@ -184,6 +184,23 @@ def test_port_seeded_same_padding_stride2_even_found_at_conv():
     assert first.keras_layer == "conv" and first.max_abs > tol.TRAP_MIN_GAP
 
 
+def test_port_seeded_attention_in_proj_copied_untransposed_found_at_attn():
+    """in_proj_weight's square (out, in) blocks reshaped into Keras's query/key/value
+    kernels with no transpose: PORT_WEIGHT_TRANSPOSED names the attention and the fused
+    weight, not PORT_WEIGHTS_DIFFER (out_proj, conv and fc were copied right); the
+    outputs first part there; the project's transfer leaves nothing."""
+    keras_model, torch_model = pp.attention_copied_untransposed()
+    report = _check(keras_model, torch_model)
+    finding = _only(report, "PORT_WEIGHT_TRANSPOSED")
+    assert (finding.keras_layer, finding.torch_layer) == ("attn", "attn")
+    assert (finding.keras_value, finding.torch_value) == ("weight = torch's transposed",
+                                                          "weight (24, 8)")
+    assert "PORT_WEIGHTS_DIFFER" not in report.codes()
+    assert report.first_divergent("inference").keras_layer == "attn"
+    fixed = _check(keras_model, torch_model, transfer_from="torch")
+    assert fixed.ok, fixed.finding_lines()
+
+
 def test_port_seeded_flatten_dense_rows_not_permuted_found_at_fc():
     keras_model, torch_model = pp.flatten_copied_naively()
     report = _check(keras_model, torch_model)  # the weights as the user copied them

@@ -23,17 +23,21 @@ HWC = (pp.SIZE, pp.SIZE, 3)
 STEPS = 2
 
 
+# factories that make both sides, their weights copied by hand
+PAIR_FACTORIES = ("flatten_copied_naively", "attention_copied_untransposed")
+
+
 def _side(name):
     """A factory's model and optimizer (None where it returns a model alone)."""
-    if name == "flatten_copied_naively":  # both sides from one factory
+    if name in PAIR_FACTORIES:  # both sides from one factory
         raise AssertionError("use the pair factory")
     built = getattr(pp, name)()
     return built if isinstance(built, tuple) else (built, None)
 
 
 def _report(keras, torch, **kwargs):
-    if keras == torch == "flatten_copied_naively":
-        keras_model, torch_model = pp.flatten_copied_naively()
+    if keras == torch and keras in PAIR_FACTORIES:
+        keras_model, torch_model = getattr(pp, keras)()
         k_opt = t_opt = None
     else:
         (keras_model, k_opt), (torch_model, t_opt) = _side(keras), _side(torch)
@@ -63,6 +67,8 @@ SEEDED = {
     "PORT_FLATTEN_DENSE_ORDER": ("flatten_copied_naively", "flatten_copied_naively", {}, "fc",
                                  False),
     "PORT_WEIGHTS_DIFFER": ("good_keras", "good_torch", {}, "conv", False),
+    "PORT_WEIGHT_TRANSPOSED": ("attention_copied_untransposed", "attention_copied_untransposed",
+                               {}, "attn", False),
     "PORT_DROPOUT_RATE": ("dropout_keras", "dropout_torch", T, "dropout", False),
     "PORT_DROPOUT_MISSING": ("dropout_keras", "good_torch", T, "dropout", False),
     "PORT_DROPOUT_MODE": ("drop_path_keras", "drop_path_batch_torch", T, "drop", False),

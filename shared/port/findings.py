@@ -95,6 +95,14 @@ FINDINGS: dict[str, FindingKind] = {
         "copied with a transpose only, so the rows are in the wrong order",
         "permute the rows when copying: torch_w = keras_k.reshape(H, W, C, out)"
         ".transpose(3, 2, 0, 1).reshape(out, -1) (freeze-parity's transfer does it)"),
+    "PORT_WEIGHT_TRANSPOSED": FindingKind(
+        "a square weight was copied without its transpose: Keras's kernel is (in, out), "
+        "torch's weight (out, in); each (out, in) block of the Keras side (a Dense kernel, "
+        "MultiHeadAttention's query, key, value or output kernel against in_proj_weight's "
+        "rows [q; k; v] or out_proj) is torch's transposed",
+        "transpose when copying: keras_kernel = torch_w.T (MultiHeadAttention: "
+        "in_proj_weight[i * E:(i + 1) * E].T.reshape(E, heads, head_dim) for q, k, v); "
+        "freeze-parity's transfer does it"),
     "PORT_WEIGHTS_DIFFER": FindingKind(
         "paired layers hold different weights (the models were not given the same weights)",
         "copy the weights through the pairing (check_port(..., transfer='torch') or "

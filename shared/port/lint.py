@@ -335,6 +335,29 @@ def lint(pairs: Sequence[Pair], keras_leaves: Sequence[Leaf], torch_leaves: Sequ
 _COMPARED = ("weight", "bias", "out_weight", "out_bias", "lora_A", "lora_B")
 
 
+def _square_blocks(value) -> list[np.ndarray] | None:
+    """A canonical (out, in) weight as its square blocks: itself when square, the three
+    (E, E) rows [q; k; v] of a fused (3E, E) attention projection; None otherwise."""
+    value = np.asarray(value)
+    if value.ndim != 2:
+        return None
+    rows, cols = value.shape
+    if rows == cols:
+        return [value]
+    if rows == 3 * cols:
+        return [value[i * cols:(i + 1) * cols] for i in range(3)]
+    return None
+
+
+def _transposed(keras_value, torch_value) -> bool:
+    """Every square block of the Keras side equals torch's transposed (copied with no
+    transpose: the shapes cannot tell)."""
+    kb, tb = _square_blocks(keras_value), _square_blocks(torch_value)
+    return (kb is not None and tb is not None and len(kb) == len(tb)
+            and all(np.allclose(a.T, b, rtol=tol.FORWARD_RTOL, atol=tol.FORWARD_ATOL)
+                    for a, b in zip(kb, tb)))
+
+
 def _lint_weights(pairs: Sequence[Pair], tensors) -> list[Finding]:
     out, differing = [], []
     for p in pairs:
@@ -353,6 +376,14 @@ def _lint_weights(pairs: Sequence[Pair], tensors) -> list[Finding]:
                                     f"Flatten of (H, W, C) {tuple(p.keras.params['flatten_from'])}",
                                     "rows in (H, W, C) order instead of (C, H, W)"))
             continue
+        transposed = [key for key in bad if _transposed(k[key], t[key])]
+        if transposed:
+            out.append(make_finding("PORT_WEIGHT_TRANSPOSED", p,
+                                    f"{'/'.join(transposed)} = torch's transposed",
+                                    f"{'/'.join(transposed)} {tuple(np.shape(t[transposed[0]]))}"))
+            bad = [key for key in bad if key not in transposed]
+            if not bad:
+                continue
         differing.append((p, bad, max(float(np.max(np.abs(k[key] - t[key]))) for key in bad)))
     if differing:
         p, bad, change = differing[0]

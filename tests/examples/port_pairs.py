@@ -806,6 +806,29 @@ def attention_torch():
     return Net()
 
 
+def attention_copied_untransposed():
+    """The attention pair with torch's weights copied by hand, every one right but the
+    query/key/value kernels: in_proj_weight's (out, in) rows reshaped into Keras's (in,
+    heads, head_dim) kernels with no transpose (square: the shapes fit)."""
+    keras_model, torch_model = attention_keras(), attention_torch()
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    keras_model.get_layer("conv").kernel.assign(state["conv.weight"].transpose(2, 3, 1, 0))
+    keras_model.get_layer("conv").bias.assign(state["conv.bias"])
+    attn = keras_model.get_layer("attn")
+    width = state["attn.out_proj.weight"].shape[0]
+    parts = (attn.query_dense, attn.key_dense, attn.value_dense)
+    for i, dense in enumerate(parts):
+        rows = slice(i * width, (i + 1) * width)
+        dense.kernel.assign(state["attn.in_proj_weight"][rows].reshape(dense.kernel.shape))
+        dense.bias.assign(state["attn.in_proj_bias"][rows].reshape(dense.bias.shape))
+    out = attn.output_dense
+    out.kernel.assign(state["attn.out_proj.weight"].T.reshape(out.kernel.shape))  # right
+    out.bias.assign(state["attn.out_proj.bias"])
+    keras_model.get_layer("fc").kernel.assign(state["fc.weight"].T)
+    keras_model.get_layer("fc").bias.assign(state["fc.bias"])
+    return keras_model, torch_model
+
+
 def _lora_keras(rank: int | None = 2, alpha: float = 4.0):
     """conv -> pool -> hidden Dense (LoRA rank, alpha) -> fc; every variable but the adapter
     frozen."""
