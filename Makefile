@@ -40,6 +40,7 @@ bench: venv
 	$(VENV)/bin/freeze-parity bench --replicas 2
 	$(VENV)/bin/freeze-parity bench --port
 	$(VENV)/bin/freeze-parity bench --verdicts
+	$(VENV)/bin/freeze-parity bench --verdicts --arch vit
 
 lint: venv
 	$(VENV)/bin/ruff check shared tf_impl torch_impl tests
