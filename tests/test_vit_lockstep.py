@@ -59,7 +59,7 @@ def _step(setup: str, dtype: str = "float32", keras_config=None):
     t_opt.step()
     after = {"tf": tf_weights.export_training_state(k_net, k_net.optimizer),
              "torch": torch_weights.export_training_state(t_net, t_opt)}
-    losses = {"tf": (k_train, k_eval), "torch": (float(loss), t_eval)}
+    losses = {"tf": (k_train, k_eval), "torch": (float(loss.detach()), t_eval)}
     strategy = "full" if setup == "full" else "frozen"
     return lockstep.compare_step(start, losses, after, strategy, lockstep.step_bounds(dtype))
 
