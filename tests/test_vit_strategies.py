@@ -169,3 +169,34 @@ def test_keras_training_state_refuses_per_head_query_lora():
                                          r"query/key/value is per head"):
         tf_weights.export_training_state(model, __import__("keras").optimizers.SGD(0.1))
     assert "base.blocks.0.attn.proj.lora_A" not in tf_weights.export_weights(model)
+
+
+def test_torch_lora_training_file_resumes_exactly_and_loads_in_plain_torch(tmp_path):
+    """torch's training file of a PEFT model: read back into a fresh lora model, the state
+    is bit-identical; its model entry (and that of a file written from the canonical state)
+    loads into the PEFT model with load_state_dict(strict=True), as plain torch resumes."""
+    import torch as th
+
+    from torch_impl import train as torch_train
+    from torch_impl import weights as torch_weights
+
+    config = RunConfig(arch="vit", strategy="lora", steps=2, batch_size=BATCH,
+                       base_dropout=False)
+    t = torch_train.Stepper(config)
+    for idx in t.prepared.indices[:2]:
+        t.step(idx)
+    want = torch_weights.export_training_state(t.model, t.optimizer)
+    saved = torch_weights.save_training_file(tmp_path / "lora.pt", t.model, t.optimizer)
+    written = torch_weights.write_training_file(tmp_path / "canonical.pt", want, {"arch": "vit"})
+    for path in (saved, written):
+        fresh = torch_train.Stepper(config)  # adapters at their start, no momentum yet
+        torch_weights.load_training_file(path, fresh.model, fresh.optimizer)
+        got = torch_weights.export_training_state(fresh.model, fresh.optimizer)
+        assert got.parameters == want.parameters
+        for key, value in want.tensors.items():
+            np.testing.assert_array_equal(got.tensors[key], value, err_msg=f"{path.name} {key}")
+        for key, value in want.slots["momentum_buffer"].items():
+            np.testing.assert_array_equal(got.slots["momentum_buffer"][key], value, err_msg=key)
+        plain = torch_train.Stepper(config).model
+        plain.load_state_dict(th.load(path, weights_only=True)["model"], strict=True)
+        assert "base.blocks.0.attn.proj.lora_A.default.weight" in plain.state_dict()

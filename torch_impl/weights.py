@@ -34,6 +34,31 @@ _BOOKKEEPING = "num_batches_tracked"
 _LORA_KEY = re.compile(r"\.(lora_[AB])\.default\.weight$")
 
 
+def _canonical_name(key: str, adapters: bool = True) -> str | None:
+    """The canonical key of a state_dict key; None for what the canonical form leaves out
+    (``num_batches_tracked``; LoRA's tensors unless ``adapters``)."""
+    if key.rsplit(".", 1)[-1] == _BOOKKEEPING:
+        return None
+    if ".lora_" in key:
+        if not adapters:
+            return None
+        match = _LORA_KEY.search(key)
+        if match is None:
+            raise ValueError(f"weights: {key!r}: only the default adapter's lora_A and lora_B "
+                             f"have a canonical form")
+        return key[:match.start()] + "." + match.group(1)
+    return key.replace(".base_layer.", ".")
+
+
+def _peft_name(key: str, adapted: set[str]) -> str:
+    """Inverse of :func:`_canonical_name` for a model whose layers ``adapted`` (canonical
+    prefixes) carry PEFT's default adapter: their weights sit under ``base_layer``."""
+    prefix, _, leaf = key.rpartition(".")
+    if leaf in ("lora_A", "lora_B"):
+        return f"{prefix}.{leaf}.default.weight"
+    return f"{prefix}.base_layer.{leaf}" if prefix in adapted else key
+
+
 def _canonical_items(model: nn.Module, adapters: bool = False):
     # A PEFT LoRA layer (torch_impl/lora.py) keeps the wrapped Linear as ``base_layer``: its
     # weight is still the canonical ``...attn.proj.weight``. The adapters are not canonical
@@ -41,18 +66,9 @@ def _canonical_items(model: nn.Module, adapters: bool = False):
     # own keys) but a training state's (``adapters``): ``<layer>.lora_A`` (r, in) and
     # ``.lora_B`` (out, r), PEFT's own layout.
     for key, value in model.state_dict(keep_vars=True).items():
-        if key.rsplit(".", 1)[-1] == _BOOKKEEPING:
-            continue
-        if ".lora_" in key:
-            if not adapters:
-                continue
-            match = _LORA_KEY.search(key)
-            if match is None:
-                raise ValueError(f"weights: {key!r}: only the default adapter's lora_A and "
-                                 f"lora_B have a canonical form")
-            yield key[:match.start()] + "." + match.group(1), value
-            continue
-        yield key.replace(".base_layer.", "."), value
+        name = _canonical_name(key, adapters)
+        if name is not None:
+            yield name, value
 
 
 def canonical_shapes(model: nn.Module, adapters: bool = False) -> dict[str, tuple[int, ...]]:
@@ -199,7 +215,8 @@ def import_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 # torch's is a ``.pt`` that ``torch.save`` writes and ``torch.load(weights_only=True)`` reads:
 # {"format": _FILE_FORMAT, "format_version": "1", "arch": str, "optimizer_kind": "sgd" |
 # "adam", "step": int, "parameters": canonical keys in the optimizer's order (its state_dict
-# numbers them 0, 1, ...), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+# numbers them 0, 1, ...), "model": model.state_dict() (a PEFT model's under PEFT's names,
+# read back canonical), "optimizer": optimizer.state_dict(),
 # "meta": {str: str}}. ``model.load_state_dict(f["model"])`` and
 # ``optimizer.load_state_dict(f["optimizer"])`` resume it in plain torch.
 _FILE_FORMAT = "freeze-parity training (torch)"
@@ -227,7 +244,7 @@ def load_training_file(path, model: nn.Module, optimizer: torch.optim.Optimizer)
     """
     where = f"training file {path}"
     contents = _read_file(path)
-    state, _ = _state_from_file(contents, where, canonical_shapes(model))
+    state, _ = _state_from_file(contents, where, canonical_shapes(model, adapters=True))
     import_training_state(model, optimizer, state, where)
     saved = contents["model"]
     with torch.no_grad():
@@ -271,8 +288,9 @@ def write_training_file(path, state: TrainingState, meta: Mapping[str, str]) -> 
         if held:
             optimizer.state[p] = held
     model = {}
-    for key, value in state.tensors.items():
-        model[key] = torch.from_numpy(np.array(value))
+    adapted = {k.removesuffix(".lora_A") for k in state.tensors if k.endswith(".lora_A")}
+    for key, value in state.tensors.items():  # under the model's own (PEFT's) names
+        model[_peft_name(key, adapted)] = torch.from_numpy(np.array(value))
         if key.endswith(".running_var"):  # torch's place for the BN counter: after running_var
             model[key.removesuffix("running_var") + _BOOKKEEPING] = torch.zeros((), dtype=torch.long)
     return _save_file(path, _file(path, state.optimizer, state.step, names, model,
@@ -359,8 +377,12 @@ def _state_from_file(contents, where: str, expected) -> tuple[TrainingState, dic
     for key, value in model.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{where}: model key {key!r}: keys must be strings")
-        if key.rsplit(".", 1)[-1] != _BOOKKEEPING:
-            tensors[key] = _array(value, f"{where}: model key {key!r}")
+        try:
+            name = _canonical_name(key)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: model key {key!r}: {exc}") from None
+        if name is not None:
+            tensors[name] = _array(value, f"{where}: model key {key!r}")
     check_tensors(tensors, expected if expected is not None
                   else {k: v.shape for k, v in tensors.items()}, where, FLOAT32_OR_64)
     groups, by_index = saved.get("param_groups"), saved.get("state")
