@@ -223,8 +223,8 @@ def test_compare_vit_naive_matches_across_frameworks_and_shows_the_dropout_trap(
         naive, lora = report["runs"]["naive"], report["runs"]["lora"]
         assert np.max(np.abs(np.subtract(naive["dropout_on"][fw]["train_loss"],
                                          naive[fw]["train_loss"]))) > tol.TRAP_MIN_GAP, fw
-        np.testing.assert_allclose(lora["dropout_on"][fw]["train_loss"], lora[fw]["train_loss"],
-                                   rtol=0, atol=tol.SAME_FRAMEWORK_ATOL)
+        assert np.max(np.abs(np.subtract(lora["dropout_on"][fw]["train_loss"],
+                                         lora[fw]["train_loss"]))) <= tol.SAME_FRAMEWORK_ATOL, fw
     # lora learns in its verdict runs: held-out loss falls over the 3 steps in both
     for fw in ("tf", "torch"):
         held = report["runs"]["lora"][fw]["heldout"]
