@@ -172,6 +172,8 @@ def test_cross_lora_training_state_carries_the_adapters_both_ways(lora_stepped):
 
 def test_keras_training_state_refuses_per_head_query_lora():
     """Keras's query/key/value LoRA is per head: no canonical rank-r form at 4 heads."""
+    import keras
+
     from tf_impl import lora as tf_lora
     from tf_impl import model as tf_model
     from tf_impl import weights as tf_weights
@@ -180,7 +182,7 @@ def test_keras_training_state_refuses_per_head_query_lora():
     tf_lora.add_lora(model, 4, 8.0, targets=("q", "proj"))
     with pytest.raises(ValueError, match=r"base\.blocks\.0\.attn: LoRA on MultiHeadAttention's "
                                          r"query/key/value is per head"):
-        tf_weights.export_training_state(model, __import__("keras").optimizers.SGD(0.1))
+        tf_weights.export_training_state(model, keras.optimizers.SGD(0.1))
     assert "base.blocks.0.attn.proj.lora_A" not in tf_weights.export_weights(model)
 
 

@@ -77,8 +77,8 @@ def parse_strategies(text: str | None, arch: str | None = None) -> list[str]:
     if unknown:
         raise UsageError(f"--strategies: unknown strategy {', '.join(map(repr, unknown))}; "
                          f"expected some of: {', '.join(known)}")
-    for name in names:
-        if arch is not None:
+    if arch is not None:
+        for name in names:
             try:
                 check_strategy_arch(name, arch)
             except ValueError as error:
