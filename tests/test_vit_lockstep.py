@@ -20,7 +20,7 @@ from torch_impl import weights as torch_weights
 NUM_CLASSES, BATCH, LR, MOMENTUM = 5, 8, 0.01, 0.9
 
 
-def _step(setup: str, dtype: str = "float32", keras_config=None):
+def _step(setup: str, dtype: str = "float32", keras_config=None, keras_lr: float = LR):
     import keras
 
     config = verdict_config("vit")
@@ -37,7 +37,7 @@ def _step(setup: str, dtype: str = "float32", keras_config=None):
     x = rng.normal(size=(BATCH, 3, 32, 32)).astype(dtype)
     y = np.arange(BATCH) % NUM_CLASSES
     start = torch_weights.export_training_state(t_net, t_opt)
-    k_net.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+    k_net.compile(optimizer=keras.optimizers.SGD(keras_lr, momentum=MOMENTUM),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype),
                   metrics=[BatchLoss(dtype=dtype)])  # the loss tracker is float32
     tf_weights.import_training_state(k_net, k_net.optimizer, start)
@@ -73,12 +73,14 @@ def test_cross_vit_verdict_one_sgd_step_within_lockstep_bounds(setup, dtype, rec
     assert not worst.outside, worst.describe()
 
 
-@pytest.mark.parametrize("change", ["layer_norm_epsilon", "dropout"])
+@pytest.mark.parametrize("change", ["layer_norm_epsilon", "dropout", "learning_rate"])
 def test_cross_vit_verdict_seeded_keras_difference_leaves_lockstep_bound(change):
-    """Keras's default LayerNorm epsilon (1e-3), or dropout left on in Keras only."""
+    """Keras's default LayerNorm epsilon (1e-3), dropout left on in Keras only, or a
+    learning rate 0.1% off in Keras."""
     config = verdict_config("vit")
-    keras_config = (dataclasses.replace(config, layer_norm_epsilon=1e-3)
-                    if change == "layer_norm_epsilon" else dataclasses.replace(config, dropout=0.1))
-    checks = _step("full", "float32", keras_config)
+    keras_config = {"layer_norm_epsilon": dataclasses.replace(config, layer_norm_epsilon=1e-3),
+                    "dropout": dataclasses.replace(config, dropout=0.1)}.get(change, config)
+    keras_lr = LR * 1.001 if change == "learning_rate" else LR
+    checks = _step("full", "float32", keras_config, keras_lr)
     worst = max(checks, key=lambda c: c.ratio)
     assert worst.outside, f"{change}: every check within its bound ({worst.describe()})"
